@@ -1,0 +1,1 @@
+"""The arbiter: judge, claim extraction, CAWS governance schemas and metrics."""

@@ -1,0 +1,1 @@
+"""Checkpoint -> PyTorch mirror -> CoreML; reference MIL executor; parity probes; ANE lint."""

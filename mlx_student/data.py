@@ -1,0 +1,431 @@
+"""Load jsonl data folders like mlx-lm's ``--data``, tokenize them and make batches.
+
+A data folder holds ``train.jsonl`` (required), ``valid.jsonl`` and ``test.jsonl``
+(optional), one JSON object a line. A file's format is detected from its first record
+and every later record must have that format's keys:
+
+* ``text``: ``{"text": ...}``. Documents are packed (see ``_pack``); every token is in
+  the loss.
+* ``completions``: ``{"prompt": ..., "completion": ...}``. The prompt goes through the
+  chat template as a user turn; the completion tokens and eos are in the loss.
+* ``chat``: ``{"messages": [...]}``; the last message must be the assistant's and only
+  it is in the loss. An optional ``"tools"`` list goes to the chat template.
+* ``tools``: ``{"messages": [...], "tools": [...]}``, the same as ``chat``.
+* ``kd``: a teacher record, detected by ``"messages"`` together with ``"completion"``:
+  ``{"messages": [prompt...], "completion": ..., "finish_reason": ...,
+  "completion_ids": [...] (optional), "topk": [[[id, logprob], ...], ...] (optional)}``.
+  The completion tokens are ``completion_ids`` when given, else the encoded
+  ``completion``; eos is appended when ``finish_reason == "stop"`` (unless the ids end
+  with it already). ``topk[i]`` is the teacher's distribution for completion token i;
+  the appended eos has none.
+
+Bad records raise ``DataError`` naming the file, the 1-based line and the field; with
+``skip_bad_lines=True`` they are skipped and counted instead. Blank lines are ignored.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+PAD_TO = 32
+# Teacher logprobs may round to slightly above 0; larger values are not log-probabilities.
+MAX_LOGPROB = 1e-4
+REQUIRED_KEYS = {
+    "text": ("text",),
+    "completions": ("prompt", "completion"),
+    "chat": ("messages",),
+    "tools": ("messages", "tools"),
+    "kd": ("messages", "completion", "finish_reason"),
+}
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be loaded; the message says where and why."""
+
+
+class _BadLine(Exception):
+    """A record that fails validation; the message names the field."""
+
+
+@dataclass
+class Example:
+    """One tokenized example.
+
+    ``tokens[prompt_len:]`` are the loss tokens. ``topk_ids`` / ``topk_logprobs``
+    ``(n, K)`` hold the teacher's top-k for tokens ``prompt_len .. prompt_len + n - 1``
+    (the appended eos has none, so ``n <= len(tokens) - prompt_len``); lists shorter
+    than K are padded with id 0 and logprob ``-inf``.
+    """
+
+    tokens: np.ndarray
+    prompt_len: int
+    topk_ids: Optional[np.ndarray] = None
+    topk_logprobs: Optional[np.ndarray] = None
+
+
+@dataclass
+class Split:
+    """The examples of one jsonl file and what loading them skipped or truncated."""
+
+    examples: list
+    format: str
+    skipped: int
+    truncated: int
+    path: Path
+
+
+def _describe(value):
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect(value, types, field, what):
+    """Return ``value`` if it has one of ``types`` (a bool is no int here), else raise."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise _BadLine(f"field {field!r}: expected {what}, got {_describe(value)}")
+    return value
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_id(token, field, vocab_size):
+    if not 0 <= token < vocab_size:
+        raise _BadLine(
+            f"field {field!r}: token id {token} outside the vocabulary (size {vocab_size})"
+        )
+
+
+def _check_vocab(tokens, field, vocab_size):
+    """Tokens the tokenizer made must also fit the model's vocabulary."""
+    bad = [t for t in tokens if t >= vocab_size]
+    if bad:
+        raise _BadLine(
+            f"field {field!r}: the tokenizer made token id {bad[0]}, outside the "
+            f"vocabulary (size {vocab_size})"
+        )
+
+
+def _detect_format(record):
+    if "messages" in record:
+        if "completion" in record:
+            return "kd"
+        return "tools" if "tools" in record else "chat"
+    if "prompt" in record and "completion" in record:
+        return "completions"
+    if "text" in record:
+        return "text"
+    formats = "; ".join(f"{f}: {', '.join(keys)}" for f, keys in REQUIRED_KEYS.items())
+    raise _BadLine(f"unknown format with keys {sorted(record)}; expected keys ({formats})")
+
+
+def _messages(record, last_is_assistant):
+    messages = _expect(record["messages"], list, "messages", "a list of messages")
+    if not messages:
+        raise _BadLine("field 'messages': the list is empty")
+    for i, m in enumerate(messages):
+        _expect(m, dict, f"messages[{i}]", "an object with 'role' and 'content'")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise _BadLine(f"field 'messages[{i}]': missing key(s) {missing}")
+        _expect(m["role"], str, f"messages[{i}].role", "a string")
+        if not (m["content"] is None and "tool_calls" in m):
+            _expect(m["content"], str, f"messages[{i}].content", "a string")
+    role = messages[-1]["role"]
+    if last_is_assistant and role != "assistant":
+        raise _BadLine(f"field 'messages': the last message must be the assistant's, got role {role!r}")
+    if not last_is_assistant and role == "assistant":
+        raise _BadLine("field 'messages': a KD prompt must not end with an assistant message")
+    tools = record.get("tools")
+    if tools is not None:
+        _expect(tools, list, "tools", "a list")
+    return messages, tools
+
+
+def _template(tokenizer, messages, tools, add_generation_prompt):
+    try:
+        return list(tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt
+        ))
+    except Exception as e:  # jinja and tokenizer errors of every kind
+        raise _BadLine(f"field 'messages': the chat template failed: {e}") from e
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _topk(topk, n, source, vocab_size):
+    """Validate ``topk`` (one list of [id, logprob] pairs per completion token)."""
+    _expect(topk, list, "topk", "a list with one list per completion token")
+    if len(topk) != n:
+        raise _BadLine(f"field 'topk': {len(topk)} entries but {source} {n} tokens")
+    ids, logprobs = [], []
+    for i, position in enumerate(topk):
+        _expect(position, list, f"topk[{i}]", "a list of [id, logprob] pairs")
+        for j, pair in enumerate(position):
+            field = f"topk[{i}][{j}]"
+            if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0])
+                    and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
+                raise _BadLine(
+                    f"field {field!r}: expected an [id, logprob] pair of an integer and "
+                    f"a number, got {json.dumps(pair)}"
+                )
+            _check_id(pair[0], field, vocab_size)
+            if math.isnan(pair[1]) or pair[1] > MAX_LOGPROB:
+                raise _BadLine(f"field {field!r}: logprob {pair[1]} is not a log-probability (<= 0)")
+        ids.append([p[0] for p in position])
+        logprobs.append([min(p[1], 0.0) for p in position])
+    return ids, logprobs
+
+
+def _tokenize(record, fmt, tokenizer, vocab_size):
+    """Return ``(tokens, prompt_len, topk)`` of a non-text record; topk is ragged or None."""
+    eos = tokenizer.eos_token_id
+    topk = None
+    if fmt == "completions":
+        prompt = _expect(record["prompt"], str, "prompt", "a string")
+        completion = _expect(record["completion"], str, "completion", "a string")
+        tokens = _template(tokenizer, [{"role": "user", "content": prompt}], None, True)
+        prompt_len = len(tokens)
+        tokens += tokenizer.encode(completion, add_special_tokens=False) + [eos]
+    elif fmt in ("chat", "tools"):
+        messages, tools = _messages(record, last_is_assistant=True)
+        prompt = _template(tokenizer, messages[:-1], tools, True)
+        tokens = _template(tokenizer, messages, tools, False)
+        # Templates that render earlier turns differently once the last one follows
+        # (e.g. dropping reasoning) break the prefix: the loss then starts where they differ.
+        prompt_len = _common_prefix(prompt, tokens)
+    else:  # kd
+        messages, tools = _messages(record, last_is_assistant=False)
+        text = _expect(record["completion"], str, "completion", "a string")
+        finish = _expect(record["finish_reason"], (str, type(None)), "finish_reason", "a string or null")
+        tokens = _template(tokenizer, messages, tools, True)
+        prompt_len = len(tokens)
+        ids = record.get("completion_ids")
+        if ids is None:
+            completion = tokenizer.encode(text, add_special_tokens=False)
+            source = "'completion' encodes to"
+        else:
+            _expect(ids, list, "completion_ids", "a list of token ids")
+            for i, token in enumerate(ids):
+                _expect(token, int, f"completion_ids[{i}]", "an integer token id")
+                _check_id(token, f"completion_ids[{i}]", vocab_size)
+            completion = list(ids)
+            source = "'completion_ids' has"
+        if record.get("topk") is not None:
+            topk = _topk(record["topk"], len(completion), source, vocab_size)
+        tokens += completion
+        if finish == "stop" and (not completion or completion[-1] != eos):
+            tokens.append(eos)
+    _check_vocab(tokens, "messages" if "messages" in record else "prompt", vocab_size)
+    return tokens, prompt_len, topk
+
+
+def _pack(stream, limit):
+    """Cut a token stream into chunks of ``limit`` tokens; the last may be shorter.
+
+    Consecutive chunks share one token (the last of one is the first of the next), so
+    every token after the first is a target exactly once. A final chunk of fewer than
+    two tokens has nothing to predict and is not made.
+    """
+    return [stream[i : i + limit] for i in range(0, len(stream) - 1, limit - 1)]
+
+
+def _pad_topk(topk, k):
+    ids = np.zeros((len(topk[0]), k), np.int32)
+    logprobs = np.full((len(topk[0]), k), -np.inf, np.float32)
+    for i, (row_ids, row_lp) in enumerate(zip(*topk)):
+        ids[i, : len(row_ids)] = row_ids
+        logprobs[i, : len(row_lp)] = row_lp
+    return ids, logprobs
+
+
+def _warn(message):
+    print(f"[WARNING] {message}", file=sys.stderr)
+
+
+def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False):
+    """Load and tokenize one jsonl file (see the module docstring for the formats).
+
+    Non-text examples longer than ``max_seq_length + 1`` tokens are truncated (counted
+    in ``Split.truncated`` and reported on stderr); text is packed into chunks of that
+    length. ``vocab_size`` is the model's: every token id must be below it. K of the
+    top-k arrays is the longest top-k list in the file.
+    """
+    path = Path(path)
+    limit = max_seq_length + 1
+    fmt = detected_at = first_error = None
+    records, stream = [], []
+    skipped = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise _BadLine(f"invalid JSON: {e}") from None
+                if not isinstance(record, dict):
+                    raise _BadLine(f"expected a JSON object, got {_describe(record)}")
+                if fmt is None:
+                    fmt, detected_at = _detect_format(record), lineno
+                missing = [k for k in REQUIRED_KEYS[fmt] if k not in record]
+                if missing:
+                    raise _BadLine(
+                        f"missing key(s) {', '.join(map(repr, missing))} "
+                        f"(format {fmt!r}, detected from line {detected_at})"
+                    )
+                if fmt == "text":
+                    text = _expect(record["text"], str, "text", "a string")
+                    doc = tokenizer.encode(text)
+                    if not doc or doc[-1] != tokenizer.eos_token_id:
+                        doc.append(tokenizer.eos_token_id)
+                    _check_vocab(doc, "text", vocab_size)
+                    stream += doc
+                else:
+                    records.append(_tokenize(record, fmt, tokenizer, vocab_size))
+            except _BadLine as e:
+                if not skip_bad_lines:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+                skipped += 1
+                first_error = first_error or f"line {lineno}: {e}"
+    if skipped:
+        _warn(f"skipped {skipped} bad lines in {path} (first: {first_error})")
+    if fmt is None and not skipped:
+        raise DataError(f"{path}: the file is empty (no JSON records)")
+    if not records and not stream:
+        raise DataError(f"{path}: no valid records ({skipped} bad lines skipped)")
+
+    if fmt == "text":
+        examples = [Example(np.array(c, np.int32), 0) for c in _pack(stream, limit)]
+        return Split(examples, fmt, skipped, 0, path)
+
+    k = max((len(row) for *_, topk in records if topk for row in topk[0]), default=0)
+    examples, truncated = [], 0
+    for tokens, prompt_len, topk in records:
+        if len(tokens) > limit:
+            truncated += 1
+            tokens = tokens[:limit]
+            prompt_len = min(prompt_len, limit)
+        example = Example(np.array(tokens, np.int32), prompt_len)
+        if topk is not None:
+            n = len(tokens) - prompt_len
+            example.topk_ids, example.topk_logprobs = _pad_topk(
+                (topk[0][:n], topk[1][:n]), max(k, 1)
+            )
+        examples.append(example)
+    if truncated:
+        _warn(
+            f"{truncated} examples in {path} are longer than max_seq_length + 1 = "
+            f"{limit} tokens and were truncated; consider pre-splitting your data"
+        )
+    return Split(examples, fmt, skipped, truncated, path)
+
+
+def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False):
+    """Load ``train.jsonl`` (required), ``valid.jsonl`` and ``test.jsonl`` of a folder.
+
+    Returns a dict from split name to ``Split`` holding the splits present.
+    """
+    data_dir = Path(data_dir)
+    if not (data_dir / "train.jsonl").is_file():
+        found = "" if data_dir.is_dir() else " (the folder does not exist)"
+        raise DataError(
+            f"{data_dir}: no train.jsonl{found}; a data folder holds train.jsonl "
+            "(required), valid.jsonl and test.jsonl (optional)"
+        )
+    return {
+        name: load_jsonl(
+            data_dir / f"{name}.jsonl", tokenizer, vocab_size, max_seq_length, skip_bad_lines
+        )
+        for name in SPLITS
+        if (data_dir / f"{name}.jsonl").is_file()
+    }
+
+
+def _collate(batch, max_seq_length, pad_id, k):
+    lengths = [min(len(ex.tokens), max_seq_length + 1) for ex in batch]
+    width = min(PAD_TO * -(-(max(lengths) - 1) // PAD_TO), max_seq_length)
+    shape = (len(batch), width)
+    inputs = np.full(shape, pad_id, np.int32)
+    targets = np.full(shape, pad_id, np.int32)
+    mask = np.zeros(shape, np.float32)
+    if k is not None:
+        kd_mask = np.zeros(shape, np.float32)
+        topk_ids = np.zeros(shape + (k,), np.int32)
+        topk_logprobs = np.full(shape + (k,), -np.inf, np.float32)
+    for j, (ex, length) in enumerate(zip(batch, lengths)):
+        n = length - 1
+        inputs[j, :n] = ex.tokens[:n]
+        targets[j, :n] = ex.tokens[1 : n + 1]
+        start = max(ex.prompt_len - 1, 0)  # target index t + 1 >= prompt_len
+        mask[j, start:n] = 1
+        if ex.topk_ids is not None:
+            m = max(min(len(ex.topk_ids), n - start), 0)
+            kk = ex.topk_ids.shape[1]
+            topk_ids[j, start : start + m, :kk] = ex.topk_ids[:m]
+            topk_logprobs[j, start : start + m, :kk] = ex.topk_logprobs[:m]
+            kd_mask[j, start : start + m] = np.isfinite(ex.topk_logprobs[:m]).any(axis=1)
+    out = {"inputs": inputs, "targets": targets, "mask": mask}
+    if k is not None:
+        out.update(kd_mask=kd_mask, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    return {name: mx.array(a) for name, a in out.items()}
+
+
+def iterate_batches(examples, batch_size, max_seq_length, seed=0, loop=False, pad_id=0):
+    """Yield batches of ``examples`` as dicts of ``mx.array``, like mlx-lm.
+
+    Examples are sorted by length and consecutive ones grouped into batches of
+    ``batch_size``; the ``len(examples) % batch_size`` longest examples do not fill a
+    batch and are left out (as in mlx-lm; reported on stderr). Epoch e visits the
+    batches in a permutation drawn from ``np.random.default_rng([seed, e])``, so a seed
+    fixes the whole sequence. ``loop=False`` makes one pass, ``loop=True`` repeats
+    forever.
+
+    Each batch holds ``"inputs"`` ``(B, L)`` int32 (``tokens[:-1]``), ``"targets"``
+    ``(B, L)`` int32 (``tokens[1:]``), both padded with ``pad_id``, and ``"mask"``
+    ``(B, L)`` float32, 1 where the target is a loss token. If any example carries
+    teacher top-k there are also ``"kd_mask"`` ``(B, L)`` float32 (1 where the target
+    has teacher top-k), ``"topk_ids"`` ``(B, L, K)`` int32 and ``"topk_logprobs"``
+    ``(B, L, K)`` float32 (padding: id 0, logprob ``-inf``), aligned with the targets.
+    L is the longest example less one rounded up to a multiple of 32, at most
+    ``max_seq_length``; longer examples are truncated.
+    """
+    if len(examples) < batch_size:
+        raise ValueError(
+            f"The dataset must have at least batch_size={batch_size} examples "
+            f"but only has {len(examples)}."
+        )
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    batches = [
+        order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
+    ]
+    left_out = len(order) % batch_size
+    if left_out:
+        _warn(f"{left_out} of {len(order)} examples (the longest) do not fill a batch of "
+              f"{batch_size} and are left out of every epoch")
+    k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
+    epoch = 0
+    while True:
+        for b in np.random.default_rng([seed, epoch]).permutation(len(batches)):
+            yield _collate([examples[i] for i in batches[b]], max_seq_length, pad_id, k)
+        if not loop:
+            break
+        epoch += 1

@@ -1,0 +1,70 @@
+"""The student: mlx-lm's llama (GQA, RoPE, RMSNorm, SwiGLU, causal), built from a StudentConfig.
+
+The model class IS mlx_lm.models.llama.Model, so a saved student is a plain mlx-lm model folder
+(config.json with a `student` block, model.safetensors, tokenizer files) that mlx_lm.load,
+mlx_lm.generate, mlx_lm.server and transformers' LlamaForCausalLM read unchanged.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.models import llama
+from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.utils import save_config, save_model
+
+from .config import StudentConfig
+from .files import atomic_dir
+
+INIT_STD = 0.02
+# Projections that write into the residual stream; scaled by 1/sqrt(2 * layers) at init.
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def model_args(config: StudentConfig) -> llama.ModelArgs:
+    return llama.ModelArgs.from_dict(config.to_mlx_config())
+
+
+def build(config: StudentConfig, seed: int = 0) -> llama.Model:
+    """A freshly initialized fp32 student: N(0, 0.02) weights, residual outputs scaled down
+    by 1/sqrt(2 * layers) (GPT-2), norms at one."""
+    model = llama.Model(model_args(config))
+    key = mx.random.key(seed)
+    resid_std = INIT_STD / math.sqrt(2 * config.num_hidden_layers)
+    n = len(tree_flatten(model.parameters()))
+    keys = iter(mx.random.split(key, n))
+
+    def init(path, w):
+        k = next(keys)
+        if path.endswith("norm.weight"):
+            return mx.ones_like(w)
+        std = resid_std if any(f"{r}." in path for r in RESIDUAL_OUTPUTS) else INIT_STD
+        return std * mx.random.normal(w.shape, dtype=mx.float32, key=k)
+
+    model.update(tree_map_with_path(init, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def save(path, model: nn.Module, config: StudentConfig, tokenizer) -> Path:
+    """Write an mlx-lm model folder at `path`, atomically (a crash leaves the old one)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_model(tmp, model)
+        save_config(config.to_mlx_config(), tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+    return path
+
+
+def load(path, lazy: bool = False):
+    """Load a student folder. Returns (model, tokenizer, StudentConfig)."""
+    model, tokenizer = mlx_lm_load(str(path), lazy=lazy)
+    config = json.loads((Path(path) / "config.json").read_text())
+    return model, tokenizer, StudentConfig.from_mlx_config(config)

@@ -1,0 +1,1 @@
+"""Generation over MLX and CoreML; constrained decoding; speculative decoding; server; bench."""
