@@ -9,7 +9,9 @@ and every later record must have that format's keys:
 * ``completions``: ``{"prompt": ..., "completion": ...}``. The prompt goes through the
   chat template as a user turn; the completion tokens and eos are in the loss.
 * ``chat``: ``{"messages": [...]}``; the last message must be the assistant's and only
-  it is in the loss. An optional ``"tools"`` list goes to the chat template.
+  it, with the template's end-of-turn tokens, is in the loss: the tokens after the
+  template of the earlier messages with the generation prompt. An optional ``"tools"``
+  list goes to the chat template.
 * ``tools``: ``{"messages": [...], "tools": [...]}``, the same as ``chat``.
 * ``kd``: a teacher record, detected by ``"messages"`` together with ``"completion"``:
   ``{"messages": [prompt...], "completion": ..., "finish_reason": ...,
@@ -17,7 +19,8 @@ and every later record must have that format's keys:
   The completion tokens are ``completion_ids`` when given, else the encoded
   ``completion``; eos is appended when ``finish_reason == "stop"`` (unless the ids end
   with it already). ``topk[i]`` is the teacher's distribution for completion token i;
-  the appended eos has none.
+  the appended eos has none. Other keys (``id``, ``reasoning``, ``teacher``, ``usage``)
+  are not used.
 
 Bad records raise ``DataError`` naming the file, the 1-based line and the field; with
 ``skip_bad_lines=True`` they are skipped and counted instead. Blank lines are ignored.
@@ -143,7 +146,9 @@ def _messages(record, last_is_assistant):
             _expect(m["content"], str, f"messages[{i}].content", "a string")
     role = messages[-1]["role"]
     if last_is_assistant and role != "assistant":
-        raise _BadLine(f"field 'messages': the last message must be the assistant's, got role {role!r}")
+        raise _BadLine(
+            f"field 'messages': the last message must be the assistant's, got role {role!r}"
+        )
     if not last_is_assistant and role == "assistant":
         raise _BadLine("field 'messages': a KD prompt must not end with an assistant message")
     tools = record.get("tools")
@@ -188,10 +193,21 @@ def _topk(topk, n, source, vocab_size):
                 )
             _check_id(pair[0], field, vocab_size)
             if math.isnan(pair[1]) or pair[1] > MAX_LOGPROB:
-                raise _BadLine(f"field {field!r}: logprob {pair[1]} is not a log-probability (<= 0)")
+                raise _BadLine(
+                    f"field {field!r}: logprob {pair[1]} is not a log-probability (<= 0)"
+                )
         ids.append([p[0] for p in position])
         logprobs.append([min(p[1], 0.0) for p in position])
     return ids, logprobs
+
+
+def _tokenize_text(record, tokenizer, vocab_size):
+    """Tokens of one text document, ending with eos (as mlx-lm's TextDataset)."""
+    doc = tokenizer.encode(_expect(record["text"], str, "text", "a string"))
+    if not doc or doc[-1] != tokenizer.eos_token_id:
+        doc.append(tokenizer.eos_token_id)
+    _check_vocab(doc, "text", vocab_size)
+    return doc
 
 
 def _tokenize(record, fmt, tokenizer, vocab_size):
@@ -214,7 +230,9 @@ def _tokenize(record, fmt, tokenizer, vocab_size):
     else:  # kd
         messages, tools = _messages(record, last_is_assistant=False)
         text = _expect(record["completion"], str, "completion", "a string")
-        finish = _expect(record["finish_reason"], (str, type(None)), "finish_reason", "a string or null")
+        finish = _expect(
+            record["finish_reason"], (str, type(None)), "finish_reason", "a string or null"
+        )
         tokens = _template(tokenizer, messages, tools, True)
         prompt_len = len(tokens)
         ids = record.get("completion_ids")
@@ -247,13 +265,14 @@ def _pack(stream, limit):
     return [stream[i : i + limit] for i in range(0, len(stream) - 1, limit - 1)]
 
 
-def _pad_topk(topk, k):
-    ids = np.zeros((len(topk[0]), k), np.int32)
-    logprobs = np.full((len(topk[0]), k), -np.inf, np.float32)
-    for i, (row_ids, row_lp) in enumerate(zip(*topk)):
-        ids[i, : len(row_ids)] = row_ids
-        logprobs[i, : len(row_lp)] = row_lp
-    return ids, logprobs
+def _pad_topk(ids, logprobs, k):
+    """Ragged top-k rows as ``(n, k)`` arrays padded with id 0 and logprob ``-inf``."""
+    out_ids = np.zeros((len(ids), k), np.int32)
+    out_logprobs = np.full((len(ids), k), -np.inf, np.float32)
+    for i, (row_ids, row_logprobs) in enumerate(zip(ids, logprobs)):
+        out_ids[i, : len(row_ids)] = row_ids
+        out_logprobs[i, : len(row_logprobs)] = row_logprobs
+    return out_ids, out_logprobs
 
 
 def _warn(message):
@@ -293,12 +312,7 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
                         f"(format {fmt!r}, detected from line {detected_at})"
                     )
                 if fmt == "text":
-                    text = _expect(record["text"], str, "text", "a string")
-                    doc = tokenizer.encode(text)
-                    if not doc or doc[-1] != tokenizer.eos_token_id:
-                        doc.append(tokenizer.eos_token_id)
-                    _check_vocab(doc, "text", vocab_size)
-                    stream += doc
+                    stream += _tokenize_text(record, tokenizer, vocab_size)
                 else:
                     records.append(_tokenize(record, fmt, tokenizer, vocab_size))
             except _BadLine as e:
@@ -327,9 +341,7 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
         example = Example(np.array(tokens, np.int32), prompt_len)
         if topk is not None:
             n = len(tokens) - prompt_len
-            example.topk_ids, example.topk_logprobs = _pad_topk(
-                (topk[0][:n], topk[1][:n]), max(k, 1)
-            )
+            example.topk_ids, example.topk_logprobs = _pad_topk(topk[0][:n], topk[1][:n], max(k, 1))
         examples.append(example)
     if truncated:
         _warn(
@@ -393,8 +405,8 @@ def iterate_batches(examples, batch_size, max_seq_length, seed=0, loop=False, pa
     """Yield batches of ``examples`` as dicts of ``mx.array``, like mlx-lm.
 
     Examples are sorted by length and consecutive ones grouped into batches of
-    ``batch_size``; the ``len(examples) % batch_size`` longest examples do not fill a
-    batch and are left out (as in mlx-lm; reported on stderr). Epoch e visits the
+    ``batch_size``; the longest ``len(examples) % batch_size`` examples, if any, make one
+    smaller batch (nothing is dropped, unlike mlx-lm). Epoch e visits the
     batches in a permutation drawn from ``np.random.default_rng([seed, e])``, so a seed
     fixes the whole sequence. ``loop=False`` makes one pass, ``loop=True`` repeats
     forever.
@@ -414,13 +426,7 @@ def iterate_batches(examples, batch_size, max_seq_length, seed=0, loop=False, pa
             f"but only has {len(examples)}."
         )
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    batches = [
-        order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
-    ]
-    left_out = len(order) % batch_size
-    if left_out:
-        _warn(f"{left_out} of {len(order)} examples (the longest) do not fill a batch of "
-              f"{batch_size} and are left out of every epoch")
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
     epoch = 0
     while True:

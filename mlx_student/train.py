@@ -188,20 +188,25 @@ def run(args):
     return history
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
+    data, lines = load_yaml(args.config)
+    settings = {k: v for k, v in data.items() if k != "model"}
+    unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
+    if unknown:
+        raise ConfigError(
+            "\n".join(f"{args.config}:{lines[k]}: {k}: unknown run setting" for k in unknown)
+        )
+    for key, value in {**CONFIG_DEFAULTS, **settings}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
     try:
-        data, lines = load_yaml(args.config)
-        settings = {k: v for k, v in data.items() if k != "model"}
-        unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
-        if unknown:
-            raise ConfigError(
-                "\n".join(f"{args.config}:{lines[k]}: {k}: unknown run setting" for k in unknown)
-            )
-        for key, value in {**CONFIG_DEFAULTS, **settings}.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
-        run(args)
+        run(parse_args(argv))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

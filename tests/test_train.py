@@ -1,0 +1,115 @@
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+from mlx_student import train
+
+ROOT = Path(__file__).parent.parent
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    """Real text: a few standard-library modules."""
+    d = tmp_path_factory.mktemp("text")
+    docs = [{"text": (STDLIB / name).read_text()} for name in ("bisect.py", "heapq.py", "colorsys.py")]
+    write_jsonl(d / "train.jsonl", docs[:2])
+    write_jsonl(d / "valid.jsonl", docs[2:])
+    return d
+
+
+def run_train(tmp_path, data, *flags, loss=None):
+    config = tmp_path / "run.yaml"
+    text = (ROOT / "configs/tiny.yaml").read_text()
+    text = text.replace("models/smollm2", str(ROOT / "models/smollm2"))
+    if loss:
+        text += "loss:\n" + "".join(f"  {k}: {v}\n" for k, v in loss.items())
+    config.write_text(text)
+    out = tmp_path / "student"
+    argv = ["--config", str(config), "--data", str(data), "--out", str(out), "--seed", "0",
+            "--batch-size", "4", "--max-seq-length", "64", "--learning-rate", "3e-3",
+            "--warmup", "2", *flags]
+    history = train.run(train.parse_args(argv))
+    return out, history
+
+
+def test_ce_training_learns_and_saves_an_mlx_lm_folder(tmp_path, text_data, teacher_dir):
+    out, history = run_train(tmp_path, text_data, "--iters", "30", "--steps-per-eval", "15")
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    assert losses[0] == pytest.approx(np.log(49152), abs=0.3)  # init: near-uniform logits
+    valid = [h["valid"] for h in history if "valid" in h]
+    assert len(valid) == 2 and valid[1]["ce"] < valid[0]["ce"]
+    assert valid[1]["ppl"] == pytest.approx(np.exp(valid[1]["ce"]))
+    log = (tmp_path / "student.log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 31))
+    model, tokenizer = mlx_lm.load(str(out))
+    assert mlx_lm.generate(model, tokenizer, "def bisect", max_tokens=4)
+
+
+def teacher_records(teacher_dir, k=8, n=6):
+    """KD records from the real default teacher: its greedy completion and top-k logprobs."""
+    model, tokenizer = mlx_lm.load(str(teacher_dir))
+    records = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"Count from {i} to {i + 5}."}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        completion = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=12)]
+        ids = list(prompt) + completion
+        logprobs = model(mx.array([ids]))[0, len(prompt) - 1 : -1]
+        logprobs = np.array(logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True))
+        top = np.argsort(-logprobs, axis=-1)[:, :k]
+        records.append({
+            "id": str(i), "messages": messages, "completion": tokenizer.decode(completion),
+            "reasoning": None, "teacher": {"model": "smollm2"}, "finish_reason": "length",
+            "usage": {}, "completion_ids": completion,
+            "topk": [[[int(t), float(lp[t])] for t in row] for row, lp in zip(top, logprobs)],
+        })
+    return records
+
+
+def test_topk_kd_training_moves_the_student_towards_the_teacher(tmp_path, teacher_dir):
+    data = tmp_path / "kd"
+    records = teacher_records(teacher_dir)
+    write_jsonl(data / "train.jsonl", records)
+    _, history = run_train(tmp_path, data, "--iters", "25", loss={"ce": 0.5, "topk_kd": 0.5})
+    kd = [h["topk_kd"] for h in history]
+    assert set(history[0]) >= {"ce", "topk_kd", "loss", "grad_norm", "lr"}
+    assert history[0]["loss"] == pytest.approx(0.5 * history[0]["ce"] + 0.5 * kd[0], rel=1e-5)
+    assert np.mean(kd[-5:]) < 0.5 * np.mean(kd[:5])
+
+
+def test_learning_rate_schedule():
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--iters", "100",
+            "--learning-rate", "1e-3", "--warmup", "10"]
+    args = train.parse_args(argv)
+    lr = train.schedule(args)
+    assert lr(0).item() == 0
+    assert lr(10).item() == pytest.approx(1e-3)
+    assert lr(100).item() == pytest.approx(1e-3 * args.min_lr_ratio, rel=1e-3)
+    assert lr(5).item() == pytest.approx(5e-4)
+
+
+def test_cli_reports_bad_settings_with_file_and_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text((ROOT / "configs/tiny.yaml").read_text() + "iters: 3\nbatchsize: 4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_student.train", "--config", str(config)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert f"{config}:18: batchsize: unknown run setting" in proc.stderr
+    assert "Traceback" not in proc.stderr
