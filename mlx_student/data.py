@@ -372,10 +372,10 @@ def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines
     }
 
 
-def _collate(batch, max_seq_length, pad_id, k):
+def _collate(batch, rows, max_seq_length, pad_id, k):
     lengths = [min(len(ex.tokens), max_seq_length + 1) for ex in batch]
     width = min(PAD_TO * -(-(max(lengths) - 1) // PAD_TO), max_seq_length)
-    shape = (len(batch), width)
+    shape = (rows, width)
     inputs = np.full(shape, pad_id, np.int32)
     targets = np.full(shape, pad_id, np.int32)
     mask = np.zeros(shape, np.float32)
@@ -401,15 +401,19 @@ def _collate(batch, max_seq_length, pad_id, k):
     return {name: mx.array(a) for name, a in out.items()}
 
 
-def iterate_batches(examples, batch_size, max_seq_length, seed=0, loop=False, pad_id=0):
+def iterate_batches(
+    examples, batch_size, max_seq_length, seed=0, loop=False, pad_id=0, start=0
+):
     """Yield batches of ``examples`` as dicts of ``mx.array``, like mlx-lm.
 
     Examples are sorted by length and consecutive ones grouped into batches of
     ``batch_size``; the longest ``len(examples) % batch_size`` examples, if any, make one
-    smaller batch (nothing is dropped, unlike mlx-lm). Epoch e visits the
+    batch padded with empty rows (mask 0), so nothing is dropped (unlike mlx-lm) and every
+    batch has ``batch_size`` rows. Epoch e visits the
     batches in a permutation drawn from ``np.random.default_rng([seed, e])``, so a seed
     fixes the whole sequence. ``loop=False`` makes one pass, ``loop=True`` repeats
-    forever.
+    forever. ``start`` skips that many batches (a resumed run's data cursor) without
+    collating them.
 
     Each batch holds ``"inputs"`` ``(B, L)`` int32 (``tokens[:-1]``), ``"targets"``
     ``(B, L)`` int32 (``tokens[1:]``), both padded with ``pad_id``, and ``"mask"``
@@ -428,10 +432,13 @@ def iterate_batches(examples, batch_size, max_seq_length, seed=0, loop=False, pa
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
-    epoch = 0
+    epoch, skip = divmod(start, len(batches))
+    if epoch and not loop:
+        return
     while True:
-        for b in np.random.default_rng([seed, epoch]).permutation(len(batches)):
-            yield _collate([examples[i] for i in batches[b]], max_seq_length, pad_id, k)
+        order = np.random.default_rng([seed, epoch]).permutation(len(batches))
+        for b in order[skip:]:
+            yield _collate([examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k)
         if not loop:
             break
-        epoch += 1
+        epoch, skip = epoch + 1, 0

@@ -6,14 +6,31 @@ import tempfile
 from pathlib import Path
 
 
+def recover(path):
+    """Undo what a kill inside `atomic_dir` can leave: restore `path` from its moved-aside
+    copy if the swap was cut between its two renames, and drop stale temp folders."""
+    path = Path(path)
+    if not path.parent.exists():
+        return
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and (old / path.name).exists():
+            (old / path.name).rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
+    """Yield a temp folder beside `path`; on success it replaces `path` by renames.
 
-    On any exception the temp folder is removed and `path` is left as it was.
+    On an exception the temp folder is removed and `path` is left as it was. After a kill,
+    `path` is the old or the new folder, or (killed between the two renames) the old one
+    moved aside, which `recover` (run here and by readers that resume) puts back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
     try:

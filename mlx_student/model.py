@@ -7,6 +7,7 @@ mlx_lm.generate, mlx_lm.server and transformers' LlamaForCausalLM read unchanged
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,13 +54,21 @@ def num_parameters(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def save(path, model: nn.Module, config: StudentConfig, tokenizer) -> Path:
-    """Write an mlx-lm model folder at `path`, atomically (a crash leaves the old one)."""
+def save(path, model: nn.Module, config: StudentConfig, tokenizer, keep=()) -> Path:
+    """Write an mlx-lm model folder at `path`, atomically (a crash leaves the old one).
+
+    Files named in `keep` that the old folder has (e.g. a run's metrics) are carried over.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_model(tmp, model)
-        save_config(config.to_mlx_config(), tmp / "config.json")
+        mlx_config = config.to_mlx_config()
+        mlx_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        save_config(mlx_config, tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
+        for name in keep:
+            if (path / name).exists():
+                shutil.copy2(path / name, tmp / name)
     return path
 
 

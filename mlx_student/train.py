@@ -1,191 +1,93 @@
-"""Train a student from scratch on a data folder with a configured mix of losses.
+"""Train a student on a data folder with a configured mix of CE and KD losses.
 
-    mlx_student.train --config configs/pilot.yaml [--iters 100] [--data data/stdlib] ...
+    mlx_student.train --config configs/pilot.yaml [--iters 100] [--resume] ...
+    mlx.launch -n 2 --backend ring -m mlx_student.train --config ...   # data parallel
 
-The config file holds the model (`model:`) and the run settings below (CONFIG_DEFAULTS);
+The config file holds the model (`model:`) and run settings (the keys of CONFIG_DEFAULTS);
 command-line flags override the file, the file overrides the defaults, as in mlx_lm.lora.
-The result is an mlx-lm model folder at --out; the loss log is written beside it
-(<out>.log.jsonl), never inside it.
+The run writes runs/<name>/ (an mlx-lm model folder with metrics.jsonl and loss.png) and
+runs/<name>.trainer/ (what --resume needs) every --steps-per-save steps and at the end.
 """
 
 import argparse
+import dataclasses
 import json
-import math
+import os
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from . import default_teacher
+from . import checkpoint, default_teacher
 from . import model as student_model
 from .config import ConfigError, load_config, load_yaml
-from .data import DataError, iterate_batches, load_dataset
-from .losses import loss_mix
+from .data import DataError, load_dataset
+from .losses import LOSSES, TAILS
+from .trainer import DTYPES, TrainingArgs, schedule, train
 
 CONFIG_DEFAULTS = {
+    **{f.name: f.default for f in dataclasses.fields(TrainingArgs) if f.name != "loss"},
+    "loss": {"ce": 1.0},
     "data": "data/stdlib",
     "out": "runs/student",
-    "seed": 0,
-    "iters": 200,
-    "batch_size": 8,
-    "max_seq_length": 256,
+    "resume": False,
     "learning_rate": 1e-3,
     "warmup": 20,
     "min_lr_ratio": 0.1,
     "weight_decay": 0.01,
-    "grad_clip": 1.0,
-    "steps_per_report": 10,
-    "steps_per_eval": 100,
-    "val_batches": 16,
     "skip_bad_lines": False,
-    "loss": {"ce": 1.0},
-    "temperature": 1.0,
-    "jsd_beta": 0.5,
-    "topk_tail": "bucket",
 }
+
+
+def loss_weights(text):
+    """'ce=0.5,topk_kd=0.5' -> {'ce': 0.5, 'topk_kd': 0.5}"""
+    try:
+        weights = {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=weight,... got {text!r}") from None
+    unknown = set(weights) - set(LOSSES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown loss {sorted(unknown)}; known: {list(LOSSES)}")
+    return weights
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Train an MLX student (mlx-lm llama) with CE and KD losses.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train an MLX student (mlx-lm llama) with CE and KD losses. Flags override "
+        "the config file's run settings, which override the defaults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"defaults: {json.dumps(CONFIG_DEFAULTS)}",
     )
-    p.add_argument("--config", required=True, help="YAML with `model:` and run settings")
-    p.add_argument("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional)")
-    p.add_argument("--out", help="output mlx-lm model folder")
-    p.add_argument("--seed", type=int, help="init, data order and sampling seed")
-    p.add_argument("--iters", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="sequences per step")
-    p.add_argument("--max-seq-length", type=int, help="tokens per sequence")
-    p.add_argument("--learning-rate", type=float, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay")
-    p.add_argument("--steps-per-eval", type=int, help="validate every N steps")
-    p.add_argument("--val-batches", type=int, help="validation batches, -1 for all")
-    p.add_argument(
-        "--skip-bad-lines",
-        action="store_true",
-        default=None,
-        help="skip malformed data lines (reported) instead of failing",
-    )
+    add = p.add_argument
+    add("--config", required=True, help="YAML with `model:` and run settings")
+    add("--data", help="folder with train.jsonl (valid.jsonl, test.jsonl optional)")
+    add("--out", help="run folder: the mlx-lm model; trainer state goes to <out>.trainer")
+    add("--resume", action="store_true", default=None, help="continue from <out>.trainer")
+    add("--seed", type=int, help="init, data order and RNG seed")
+    add("--iters", type=int, help="optimizer steps in total (a resumed run counts from 0)")
+    add("--batch-size", type=int, help="global sequences per optimizer step (all ranks)")
+    add("--grad-accumulation-steps", type=int, help="micro-batches per optimizer step")
+    add("--max-seq-length", type=int, help="tokens per sequence")
+    add("--learning-rate", type=float, help="peak learning rate (AdamW)")
+    add("--warmup", type=int, help="linear warmup steps before the cosine decay")
+    add("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
+    add("--weight-decay", type=float, help="AdamW weight decay")
+    add("--grad-clip", type=float, help="clip the global gradient norm to this")
+    add("--grad-checkpoint", action="store_true", default=None, help="recompute layer activations in backward (less memory)")
+    add("--compute-dtype", choices=list(DTYPES), help="forward/backward dtype; master weights stay fp32")
+    add("--loss", type=loss_weights, help="loss mix, e.g. ce=0.5,topk_kd=0.5")
+    add("--temperature", type=float, help="KD temperature (T^2-scaled)")
+    add("--jsd-beta", type=float, help="beta of the generalized JSD")
+    add("--topk-tail", choices=TAILS, help="top-k KD tail mode")
+    add("--steps-per-report", type=int, help="progress-bar refresh interval")
+    add("--steps-per-eval", type=int, help="validate every N steps")
+    add("--val-batches", type=int, help="validation batches, -1 for all")
+    add("--steps-per-save", type=int, help="checkpoint every N steps")
+    add("--skip-bad-lines", action="store_true", default=None, help="skip malformed data lines (counted) instead of failing")
     return p
-
-
-def schedule(args):
-    warmup = min(args.warmup, args.iters)
-    decay = optim.cosine_decay(
-        args.learning_rate, max(args.iters - warmup, 1), args.learning_rate * args.min_lr_ratio
-    )
-    if not warmup:
-        return decay
-    return optim.join_schedules([optim.linear_schedule(0.0, args.learning_rate, warmup), decay], [warmup])
-
-
-def evaluate(model, examples, args, loss_fn):
-    """Token-weighted mean of each loss part over the validation batches."""
-    totals, ntoks = {}, 0.0
-    batches = iterate_batches(examples, args.batch_size, args.max_seq_length, seed=args.seed)
-    for i, batch in enumerate(batches):
-        if i == args.val_batches:
-            break
-        _, parts = loss_fn(model, batch)
-        n = batch["mask"].sum().item()
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * n
-        ntoks += n
-    out = {k: v / max(ntoks, 1) for k, v in totals.items()}
-    if "ce" in out:
-        out["ppl"] = math.exp(min(out["ce"], 50))
-    return out
-
-
-def train(model, optimizer, train_set, valid_set, args, log=print):
-    """The loop: one compiled step (state in, state out), periodic eval, final save by caller."""
-
-    def loss_fn(model, batch):
-        logits = model(batch["inputs"])
-        return loss_mix(
-            logits, batch, args.loss, args.temperature, args.jsd_beta, args.topk_tail
-        )
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch):
-        (total, parts), grads = value_and_grad(model, batch)
-        grads, grad_norm = optim.clip_grad_norm(grads, args.grad_clip)
-        optimizer.update(model, grads)
-        return total, parts, grad_norm
-
-    batches = iterate_batches(
-        train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True
-    )
-    history = []
-    tokens, tic = 0, time.perf_counter()
-    bar = tqdm(range(1, args.iters + 1), desc="train", unit="step", dynamic_ncols=True)
-    for it in bar:
-        batch = next(batches)
-        total, parts, grad_norm = step(batch)
-        mx.eval(state, total, parts, grad_norm)
-        tokens += int(batch["mask"].sum().item())
-        record = {
-            "step": it,
-            "loss": total.item(),
-            **{k: v.item() for k, v in parts.items()},
-            "grad_norm": grad_norm.item(),
-            "lr": optimizer.learning_rate.item(),
-        }
-        if it % args.steps_per_report == 0 or it == args.iters:
-            elapsed = time.perf_counter() - tic
-            record["tokens_per_s"] = tokens / elapsed
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-        if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
-            record["valid"] = evaluate(model, valid_set, args, loss_fn)
-            bar.write(f"step {it}: valid " + ", ".join(f"{k} {v:.3f}" for k, v in record["valid"].items()))
-        history.append(record)
-        log(record)
-    return history
-
-
-def run(args):
-    config = load_config(args.config)
-    if config.tokenizer is None:
-        raise ConfigError(f"{args.config}: model.tokenizer: a tokenizer folder is needed to train")
-    if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
-        default_teacher.prepare()
-    tokenizer = load_tokenizer(Path(config.tokenizer))
-    splits = load_dataset(
-        args.data, tokenizer, config.vocab_size, args.max_seq_length, args.skip_bad_lines
-    )
-    mx.random.seed(args.seed)
-    np.random.seed(args.seed)
-    model = student_model.build(config, seed=args.seed)
-    print(
-        f"{config.role} student: {student_model.num_parameters(model):,} parameters; "
-        f"{len(splits['train'].examples)} train sequences from {args.data}"
-    )
-    optimizer = optim.AdamW(learning_rate=schedule(args), weight_decay=args.weight_decay)
-    out = Path(args.out)
-    log_path = out.with_name(out.name + ".log.jsonl")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
-
-        def log(record):
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-        valid = splits["valid"].examples if "valid" in splits else None
-        history = train(model, optimizer, splits["train"].examples, valid, args, log)
-    student_model.save(out, model, config, tokenizer)
-    print(f"saved {out} (mlx-lm folder); log {log_path}")
-    return history
 
 
 def parse_args(argv=None):
@@ -204,10 +106,87 @@ def parse_args(argv=None):
     return args
 
 
+def plot_losses(history, path):
+    """loss.png: training loss per step and validation loss at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train")
+    valid = [h for h in history if "valid" in h]
+    if valid:
+        key = "ce" if "ce" in valid[0]["valid"] else next(iter(valid[0]["valid"]))
+        ax.plot([h["step"] for h in valid], [h["valid"][key] for h in valid], "o-", label=f"valid {key}")
+    ax.set(xlabel="step", ylabel="loss", title=path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(args):
+    config = load_config(args.config)
+    if config.tokenizer is None:
+        raise ConfigError(f"{args.config}: model.tokenizer: a tokenizer folder is needed to train")
+    if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
+        default_teacher.prepare()
+    tokenizer = load_tokenizer(Path(config.tokenizer))
+    splits = load_dataset(args.data, tokenizer, config.vocab_size, args.max_seq_length, args.skip_bad_lines)
+    targs = TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})
+    rank = mx.distributed.init().rank()
+
+    mx.random.seed(args.seed)
+    model = student_model.build(config, seed=args.seed)
+    sched = schedule(args.learning_rate, args.iters, args.warmup, args.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=sched, weight_decay=args.weight_decay)
+    out = Path(args.out)
+    metrics = out / "metrics.jsonl"
+    start = 0
+    if args.resume:
+        start = checkpoint.load(out, model, optimizer, config)["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = metrics.read_text().splitlines() if start and metrics.exists() else []
+        kept = [line for line in kept if json.loads(line)["step"] <= start]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        print(
+            f"{config.role} student: {student_model.num_parameters(model):,} parameters; "
+            f"{len(splits['train'].examples)} train sequences from {args.data}"
+            + (f"; resuming at step {start}" if start else "")
+        )
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    bar = tqdm(total=args.iters, initial=start, desc="train", unit="step", disable=rank != 0)
+
+    def on_report(record):
+        with open(metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if "valid" in record:
+            bar.write(f"step {record['step']}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in record["valid"].items()))
+
+    def on_save(step):
+        checkpoint.save(out, model, config, tokenizer, optimizer, step, settings)
+
+    valid = splits["valid"].examples if "valid" in splits else None
+    history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report, on_save)
+    bar.close()
+    if rank == 0:
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if records:
+            plot_losses(records, out / "loss.png")
+        print(f"saved {out} (mlx-lm folder, metrics.jsonl, loss.png); resume state {checkpoint.trainer_dir(out)}")
+    return history
+
+
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,3 +21,54 @@ def tokenizer(teacher_dir):
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(teacher_dir)
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def train_argv(tmp_path, data, *flags, loss=None):
+    """mlx_student.train arguments for the tiny student; `loss` goes into the config file."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "run.yaml"
+    text = (ROOT / "configs/tiny.yaml").read_text()
+    text = text.replace("models/smollm2", str(ROOT / "models/smollm2"))
+    if loss:
+        text += "loss:\n" + "".join(f"  {k}: {v}\n" for k, v in loss.items())
+    config.write_text(text)
+    return ["--config", str(config), "--data", str(data), "--out", str(tmp_path / "student"),
+            "--seed", "0", "--batch-size", "4", "--max-seq-length", "64",
+            "--learning-rate", "3e-3", "--warmup", "2", *flags]
+
+
+@pytest.fixture(scope="session")
+def kd_data(tmp_path_factory, teacher_dir):
+    """A KD data folder from the real default teacher run in-process: its greedy completions
+    and, at every completion token, the top-8 of its full distribution."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+
+    model, tokenizer = mlx_lm.load(str(teacher_dir))
+    records = []
+    for i in range(6):
+        messages = [{"role": "user", "content": f"Count from {i} to {i + 5}."}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        completion = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=12)]
+        logits = model(mx.array([list(prompt) + completion]))[0, len(prompt) - 1 : -1]
+        logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        top = np.argsort(-logprobs, axis=-1)[:, :8]
+        records.append({
+            "id": str(i), "messages": messages, "completion": tokenizer.decode(completion),
+            "reasoning": None, "teacher": {"model": "smollm2-135m-instruct"},
+            "finish_reason": "length", "usage": {}, "completion_ids": completion,
+            "topk": [[[int(t), float(lp[t])] for t in row] for row, lp in zip(top, logprobs)],
+        })
+    data = tmp_path_factory.mktemp("kd")
+    write_jsonl(data / "train.jsonl", records)
+    write_jsonl(data / "valid.jsonl", records[:4])
+    return data

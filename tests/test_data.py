@@ -258,14 +258,16 @@ def test_too_few_examples(tmp_path, tokenizer):
         next(iterate_batches(examples, 3, 512))
 
 
-def test_remainder_makes_a_smaller_batch(tmp_path, tokenizer):
+def test_remainder_is_padded_with_empty_rows(tmp_path, tokenizer):
     examples = completion_examples(tmp_path, tokenizer, n=5)
-    sizes = sorted(b["inputs"].shape[0] for b in iterate_batches(examples, 2, 512))
-    assert sizes == [1, 2, 2]
+    batches = list(iterate_batches(examples, 2, 512))
+    assert [b["inputs"].shape[0] for b in batches] == [2, 2, 2]
+    assert sum(int((b["mask"].sum(axis=1) > 0).sum().item()) for b in batches) == 5
     longest = max(examples, key=lambda ex: len(ex.tokens))
-    last = [b for b in iterate_batches(examples, 2, 512) if b["inputs"].shape[0] == 1][0]
+    last = [b for b in batches if (b["mask"].sum(axis=1) > 0).sum().item() == 1][0]
     n = len(longest.tokens) - 1
     np.testing.assert_array_equal(np.array(last["inputs"][0, :n]), longest.tokens[:n])
+    assert last["mask"][1].sum().item() == 0
 
 
 # ----------------------------------------------------------------------------

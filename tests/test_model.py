@@ -103,6 +103,9 @@ class FailingTokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
     def save_pretrained(self, path):
         self.tokenizer.save_pretrained(path)
         raise OSError("No space left on device")

@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from mlx_student import train
+from mlx_student.trainer import schedule
+
+from conftest import train_argv, write_jsonl
 
 ROOT = Path(__file__).parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +29,9 @@ def text_data(tmp_path_factory):
 
 
 def run_train(tmp_path, data, *flags, loss=None):
-    config = tmp_path / "run.yaml"
-    text = (ROOT / "configs/tiny.yaml").read_text()
-    text = text.replace("models/smollm2", str(ROOT / "models/smollm2"))
-    if loss:
-        text += "loss:\n" + "".join(f"  {k}: {v}\n" for k, v in loss.items())
-    config.write_text(text)
-    out = tmp_path / "student"
-    argv = ["--config", str(config), "--data", str(data), "--out", str(out), "--seed", "0",
-            "--batch-size", "4", "--max-seq-length", "64", "--learning-rate", "3e-3",
-            "--warmup", "2", *flags]
+    argv = train_argv(tmp_path, data, *flags, loss=loss)
     history = train.run(train.parse_args(argv))
-    return out, history
+    return tmp_path / "student", history
 
 
 def test_ce_training_learns_and_saves_an_mlx_lm_folder(tmp_path, text_data, teacher_dir):
@@ -54,38 +43,15 @@ def test_ce_training_learns_and_saves_an_mlx_lm_folder(tmp_path, text_data, teac
     valid = [h["valid"] for h in history if "valid" in h]
     assert len(valid) == 2 and valid[1]["ce"] < valid[0]["ce"]
     assert valid[1]["ppl"] == pytest.approx(np.exp(valid[1]["ce"]))
-    log = (tmp_path / "student.log.jsonl").read_text().splitlines()
+    log = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == list(range(1, 31))
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, tokenizer = mlx_lm.load(str(out))
     assert mlx_lm.generate(model, tokenizer, "def bisect", max_tokens=4)
 
 
-def teacher_records(teacher_dir, k=8, n=6):
-    """KD records from the real default teacher: its greedy completion and top-k logprobs."""
-    model, tokenizer = mlx_lm.load(str(teacher_dir))
-    records = []
-    for i in range(n):
-        messages = [{"role": "user", "content": f"Count from {i} to {i + 5}."}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        completion = [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=12)]
-        ids = list(prompt) + completion
-        logprobs = model(mx.array([ids]))[0, len(prompt) - 1 : -1]
-        logprobs = np.array(logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True))
-        top = np.argsort(-logprobs, axis=-1)[:, :k]
-        records.append({
-            "id": str(i), "messages": messages, "completion": tokenizer.decode(completion),
-            "reasoning": None, "teacher": {"model": "smollm2"}, "finish_reason": "length",
-            "usage": {}, "completion_ids": completion,
-            "topk": [[[int(t), float(lp[t])] for t in row] for row, lp in zip(top, logprobs)],
-        })
-    return records
-
-
-def test_topk_kd_training_moves_the_student_towards_the_teacher(tmp_path, teacher_dir):
-    data = tmp_path / "kd"
-    records = teacher_records(teacher_dir)
-    write_jsonl(data / "train.jsonl", records)
-    _, history = run_train(tmp_path, data, "--iters", "25", loss={"ce": 0.5, "topk_kd": 0.5})
+def test_topk_kd_training_moves_the_student_towards_the_teacher(tmp_path, kd_data):
+    _, history = run_train(tmp_path, kd_data, "--iters", "25", loss={"ce": 0.5, "topk_kd": 0.5})
     kd = [h["topk_kd"] for h in history]
     assert set(history[0]) >= {"ce", "topk_kd", "loss", "grad_norm", "lr"}
     assert history[0]["loss"] == pytest.approx(0.5 * history[0]["ce"] + 0.5 * kd[0], rel=1e-5)
@@ -93,14 +59,11 @@ def test_topk_kd_training_moves_the_student_towards_the_teacher(tmp_path, teache
 
 
 def test_learning_rate_schedule():
-    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--iters", "100",
-            "--learning-rate", "1e-3", "--warmup", "10"]
-    args = train.parse_args(argv)
-    lr = train.schedule(args)
+    lr = schedule(1e-3, iters=100, warmup=10, min_lr_ratio=0.1)
     assert lr(0).item() == 0
-    assert lr(10).item() == pytest.approx(1e-3)
-    assert lr(100).item() == pytest.approx(1e-3 * args.min_lr_ratio, rel=1e-3)
     assert lr(5).item() == pytest.approx(5e-4)
+    assert lr(10).item() == pytest.approx(1e-3)
+    assert lr(100).item() == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_cli_reports_bad_settings_with_file_and_line(tmp_path):

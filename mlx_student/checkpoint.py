@@ -1,0 +1,59 @@
+"""Checkpoints that survive a kill at any instant.
+
+A checkpoint is two folders, each replaced in one rename (mlx_student.files.atomic_dir):
+
+    runs/<name>/           the model as an mlx-lm folder (what users load), plus the run's
+                           metrics.jsonl and loss.png
+    runs/<name>.trainer/   everything a resume needs: fp32 master weights, optimizer state
+                           (with the LR-schedule position) and state.json (step, which is also
+                           the data cursor and the RNG state, config, settings)
+
+The trainer folder is written first and is self-sufficient, so a kill between the two writes
+leaves a model folder one checkpoint behind and a resumable state; a kill inside either write
+leaves the previous version of that folder.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import model as student_model
+from .config import ConfigError
+from .files import atomic_dir, recover
+
+RUN_FILES = ("metrics.jsonl", "loss.png")  # kept across model-folder replacements
+
+
+def trainer_dir(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".trainer")
+
+
+def save(out, model, config, tokenizer, optimizer, step, settings: dict):
+    with atomic_dir(trainer_dir(out)) as tmp:
+        mx.save_safetensors(str(tmp / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        state = {"step": step, "config": dataclasses.asdict(config), "settings": settings}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    student_model.save(out, model, config, tokenizer, keep=RUN_FILES)
+
+
+def load(out, model, optimizer, config) -> dict:
+    """Restore model and optimizer from `out`'s trainer folder; return its state.json.
+
+    The RNG needs no file: the trainer re-seeds it from (seed, step) at every step."""
+    path = trainer_dir(out)
+    recover(path)
+    recover(out)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path}: no trainer state to resume from")
+    state = json.loads((path / "state.json").read_text())
+    if state["config"] != dataclasses.asdict(config):
+        raise ConfigError(f"{path}: the checkpoint was trained with another model config")
+    model.load_weights(str(path / "weights.safetensors"))
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return state

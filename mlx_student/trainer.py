@@ -1,0 +1,199 @@
+"""The training loop: one compiled step, gradient accumulation, data parallel, evaluation.
+
+As in mlx_lm.tuner.trainer, `train()` takes the model, optimizer and data and reports through
+callbacks; the loss is the configured mix of mlx_student.losses. Differences that matter for
+distillation:
+
+* `batch_size` is the global batch of one optimizer step. Ranks take their rows of it and
+  split them into `grad_accumulation_steps` micro-batches; every loss term is normalised by
+  its tokens over the whole step, so any split gives the loss and gradients of one process
+  with the whole batch, up to fp32 summation order.
+* The step is the whole position of a run: the data cursor, and the RNG, re-seeded from
+  (seed, step) every step. A resumed run sees exactly what the uninterrupted one would have.
+* Validation reports, besides loss and perplexity, top-1 agreement with the teacher and KL to
+  its top-k distribution when the data carry teacher top-k.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_lm.tuner.trainer import grad_checkpoint
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+from .data import iterate_batches
+from .losses import loss_mix, topk_kd
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class TrainingArgs:
+    batch_size: int = 8  # global: split over ranks and accumulation steps
+    iters: int = 200
+    max_seq_length: int = 256
+    grad_accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    grad_checkpoint: bool = False
+    compute_dtype: str = "float32"  # master weights stay fp32
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    steps_per_save: int = 100
+    val_batches: int = 16
+    seed: int = 0
+    loss: dict = field(default_factory=lambda: {"ce": 1.0})
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    topk_tail: str = "bucket"
+
+
+def schedule(learning_rate, iters, warmup, min_lr_ratio):
+    """Linear warmup to `learning_rate`, then cosine decay to `learning_rate * min_lr_ratio`."""
+    warmup = min(warmup, iters)
+    decay = optim.cosine_decay(learning_rate, max(iters - warmup, 1), learning_rate * min_lr_ratio)
+    if not warmup:
+        return decay
+    warm = optim.linear_schedule(0.0, learning_rate, warmup)
+    return optim.join_schedules([warm, decay], [warmup])
+
+
+def _term_mask(name, batch):
+    """The positions a loss term averages over: CE the loss mask, KD terms the teacher's."""
+    return batch["kd_mask"] if name != "ce" and "kd_mask" in batch else batch["mask"]
+
+
+def make_loss(args, names):
+    """loss_fn(model, batch, scales) -> (sum of loss[n] * scales[i] * part_n, parts)."""
+    dtype = DTYPES[args.compute_dtype]
+    unit = {n: 1.0 for n in names}
+
+    def loss_fn(model, batch, scales):
+        if dtype != mx.float32:
+            model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+        logits = model(batch["inputs"])
+        _, parts = loss_mix(logits, batch, unit, args.temperature, args.jsd_beta, args.topk_tail)
+        total = sum(args.loss[n] * scales[i] * parts[n] for i, n in enumerate(names))
+        return total, parts
+
+    return loss_fn
+
+
+def evaluate(model, examples, args):
+    """Token-weighted means over the validation batches: each loss part, `ppl` from CE, and
+    with teacher top-k: `top1_agree` (student argmax == teacher's top-1) and `kl_topk`
+    (KL from the teacher's top-k distribution, tail as one bucket)."""
+    sums, counts = {}, {}
+
+    def add(name, value, n):
+        sums[name] = sums.get(name, 0.0) + value * n
+        counts[name] = counts.get(name, 0.0) + n
+
+    weights = {k: 1.0 for k, w in args.loss.items() if w}
+    batches = iterate_batches(examples, args.batch_size, args.max_seq_length, seed=args.seed)
+    for i, batch in enumerate(batches):
+        if i == args.val_batches:
+            break
+        logits = model(batch["inputs"]).astype(mx.float32)
+        _, parts = loss_mix(logits, batch, weights, args.temperature, args.jsd_beta, args.topk_tail)
+        for name, value in parts.items():
+            add(name, value.item(), _term_mask(name, batch).sum().item())
+        if "topk_ids" in batch:
+            kd_mask = batch["kd_mask"]
+            n = kd_mask.sum().item()
+            agree = (mx.argmax(logits, axis=-1) == batch["topk_ids"][..., 0]) * kd_mask
+            add("top1_agree", agree.sum().item() / max(n, 1), n)
+            kl = topk_kd(logits, batch["topk_ids"], batch["topk_logprobs"], kd_mask, tail="bucket")
+            add("kl_topk", kl.item(), n)
+    out = {k: sums[k] / max(counts[k], 1) for k in sums}
+    if "ce" in out:
+        out["ppl"] = math.exp(min(out["ce"], 50))
+    return out
+
+
+def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=None, on_save=None):
+    """Run `args.iters` optimizer steps from `start_step`.
+
+    on_report(record) gets every step's metrics (rank 0 only); on_save(step) is called every
+    `steps_per_save` steps and at the end (rank 0 only). Returns the list of records.
+    """
+    if mx.metal.is_available():
+        maybe_set_recommended_wired_limit()
+    world = mx.distributed.init()
+    size, rank = world.size(), world.rank()
+    accum = args.grad_accumulation_steps
+    if args.batch_size % (size * accum):
+        raise ValueError(
+            f"batch_size {args.batch_size} must divide evenly over {size} ranks x {accum} "
+            "accumulation steps"
+        )
+    micro = args.batch_size // (size * accum)
+    if args.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    names = [n for n, w in args.loss.items() if w]
+    loss_fn = make_loss(args, names)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(batch, scales, prev_grad):
+        params = model.trainable_parameters()
+        (_, parts), grad = value_and_grad(model, batch, scales)
+        model.update(params)  # the fp32 masters, if the loss cast the model down
+        if prev_grad is not None:
+            grad = tree_map(mx.add, grad, prev_grad)
+        return mx.stack([parts[n] for n in names]), grad
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grad):
+        if size > 1:
+            grad = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grad)
+        grad, grad_norm = optim.clip_grad_norm(grad, args.grad_clip)
+        optimizer.update(model, grad)
+        return grad_norm
+
+    batches = iterate_batches(
+        train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True, start=start_step
+    )
+    history, tokens, tic = [], 0, time.perf_counter()
+    for it in range(start_step + 1, args.iters + 1):
+        # Every rank collates the same global batch, so each term's token count over the whole
+        # step is known everywhere; this rank's micro-batches are its rows, `micro` at a time,
+        # each weighing its per-token mean by its count / the step's count.
+        mx.random.seed(args.seed * 1_000_003 + it)  # RNG state = f(seed, step): resumable
+        batch = next(batches)
+        totals = mx.maximum(mx.stack([_term_mask(n, batch).sum() for n in names]), 1)
+        grad, sums = None, mx.zeros(len(names))
+        for i in range(accum):
+            start = (rank * accum + i) * micro
+            shard = {k: v[start : start + micro] for k, v in batch.items()}
+            counts = mx.stack([_term_mask(n, shard).sum() for n in names])
+            parts, grad = grad_step(shard, counts / totals, grad)
+            sums = sums + parts * counts
+        grad_norm = update(grad)
+        if size > 1:
+            sums = mx.distributed.all_sum(sums, stream=mx.cpu)
+        mx.eval(state, grad_norm, sums)
+        parts = dict(zip(names, (sums / totals).tolist()))
+        tokens += batch["mask"].sum().item()
+        record = {
+            "step": it,
+            "loss": sum(args.loss[n] * parts[n] for n in names),
+            **parts,
+            "grad_norm": grad_norm.item(),
+            "lr": optimizer.learning_rate.item(),
+            "tokens_per_s": tokens / (time.perf_counter() - tic),
+        }
+        if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
+            record["valid"] = evaluate(model, valid_set, args)
+        if rank == 0:
+            history.append(record)
+            if on_report:
+                on_report(record)
+            if on_save and (it % args.steps_per_save == 0 or it == args.iters):
+                on_save(it)
+    return history
