@@ -162,3 +162,17 @@ def test_evaluation_of_the_teacher_against_itself(teacher_dir, kd_data):
     assert out["topk_kd"] == pytest.approx(0.0, abs=1e-4)
     assert out["ppl"] == pytest.approx(np.exp(out["ce"]))
     assert out["ce"] < 1.0  # its own greedy text is likely under it
+
+
+def test_gradient_checkpointing_and_bf16_compute(tmp_path, text_data):
+    out, fp32 = run(tmp_path / "fp32", text_data, "--iters", "3")
+    # mlx-lm's grad_checkpoint patches the layer class for the whole process: run it apart.
+    argv = train_argv(tmp_path / "ckpt", text_data, "--iters", "3", "--grad-checkpoint")
+    subprocess.run(cli(argv), check=True, capture_output=True)
+    np.testing.assert_allclose(losses(tmp_path / "ckpt" / "student"), [h["loss"] for h in fp32], rtol=1e-5)
+
+    out, bf16 = run(tmp_path / "bf16", text_data, "--iters", "3", "--compute-dtype", "bfloat16")
+    np.testing.assert_allclose([h["loss"] for h in bf16], [h["loss"] for h in fp32], rtol=2e-2)
+    assert [h["loss"] for h in bf16] != [h["loss"] for h in fp32]  # it did compute in bf16
+    weights = mx.load(str(checkpoint.trainer_dir(out) / "weights.safetensors"))
+    assert {w.dtype for w in weights.values()} == {mx.float32}  # masters stay fp32
