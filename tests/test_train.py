@@ -68,11 +68,13 @@ def test_learning_rate_schedule():
 
 def test_cli_reports_bad_settings_with_file_and_line(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text((ROOT / "configs/tiny.yaml").read_text() + "iters: 3\nbatchsize: 4\n")
+    text = (ROOT / "configs/tiny.yaml").read_text() + "batchsize: 4\n"
+    config.write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_student.train", "--config", str(config)],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode == 2
-    assert f"{config}:18: batchsize: unknown run setting" in proc.stderr
+    line = len(text.splitlines())
+    assert f"{config}:{line}: batchsize: unknown run setting" in proc.stderr
     assert "Traceback" not in proc.stderr
