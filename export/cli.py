@@ -1,0 +1,267 @@
+"""Export a trained student to CoreML (and optionally ONNX).
+
+    mlx_student.export --model runs/pilot --config configs/export.yaml --out artifacts/pilot
+
+Stages: read the checkpoint into the PyTorch mirror (no MLX), fp16 headroom audit, mirror vs
+MLX parity, convert + compress every enumerated function, merge them into one multifunction
+.mlpackage, write export_manifest.json (and ONNX files with --onnx). The output folder is
+written atomically: a failed export leaves the previous one untouched.
+Command-line flags override the config file, which overrides CONFIG_DEFAULTS (as mlx_lm.lora).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import errno
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mlx_student.config import ConfigError, load_yaml
+from mlx_student.files import atomic_dir
+
+from . import audit as fp16
+from .compress import FORMATS, Compression, compress
+from .convert import ExportError, coremltools, convert_function, describe, package_bytes, plan
+from .convert import save_multifunction
+from .mirror import UnsupportedModel, load_mirror
+
+CONFIG_DEFAULTS = {
+    "model": None,  # the student folder (an mlx-lm model folder)
+    "out": None,  # output folder; default artifacts/<model folder name>
+    "name": "model",  # <out>/<name>.mlpackage
+    "contexts": None,  # enumerated KV-cache lengths; default: the checkpoint's config
+    "prefill_lengths": None,  # enumerated prefill chunk lengths; default: the config's
+    "compression": {**dataclasses.asdict(Compression()), "lm_head": None},
+    "fp16_audit": "fail",  # fail | warn | off
+    "fp16_margin": 2.0,  # every audited tap must stay below 65504 / margin
+    "calibration": None,  # a text file for the audit; default: Python's json package source
+    "calibration_tokens": 256,
+    "parity": True,  # mirror vs MLX (fp32, KVCache) into the manifest
+    "onnx": False,  # also write ONNX files (prefill and decode with explicit KV)
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="mlx_student.export",
+        description="Export a student to one multifunction CoreML package (prefill/decode per "
+        "context, fp16 KV-cache state, int8/4-bit weights) plus export_manifest.json.",
+        epilog=f"defaults: {json.dumps(CONFIG_DEFAULTS)}")
+    add = p.add_argument
+    add("--model", help="student folder (mlx-lm model folder, e.g. runs/pilot)")
+    add("--config", help="YAML with the settings below (flags override it)")
+    add("--out", help="output folder (default artifacts/<model name>)")
+    add("--name", help="package file name without .mlpackage")
+    add("--contexts", type=int, nargs="+", help="KV-cache lengths (default: the checkpoint's)")
+    add("--prefill-lengths", type=int, nargs="+", help="prefill chunk lengths")
+    add("--weights", choices=FORMATS, help="format of the layer projections")
+    add("--embedding", choices=FORMATS, help="format of the embedding (and tied LM head)")
+    add("--lm-head", choices=FORMATS, help="format of an untied LM head")
+    add("--block-size", type=int, help="int4 block size along the input axis")
+    add("--lut-group-size", type=int, help="output channels per LUT (lut4/lut8)")
+    add("--lut-mode", choices=("uniform", "kmeans"), help="how LUT entries are chosen")
+    add("--fp16-audit", choices=("fail", "warn", "off"), help="on an fp16 overflow risk")
+    add("--fp16-margin", type=float, help="taps must stay below 65504 / margin")
+    add("--calibration", help="text file for the fp16 audit")
+    add("--calibration-tokens", type=int, help="tokens in the audit batch")
+    add("--no-parity", dest="parity", action="store_const", const=False, default=None,
+        help="skip the mirror vs MLX check")
+    add("--onnx", action="store_const", const=True, default=None, help="also write ONNX")
+    return p
+
+
+BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.05, "int4": 0.6, "lut4": 0.55, "lut8": 1.05}
+COMPRESSION_FLAGS = ("weights", "embedding", "lm_head", "block_size", "lut_group_size", "lut_mode")
+
+
+def parse_args(argv=None):
+    """Command line over the config file over CONFIG_DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    settings, lines = {}, {}
+    if args.config:
+        settings, lines = load_yaml(args.config)
+        unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
+        if unknown:
+            raise ConfigError("\n".join(f"{args.config}:{lines[k]}: {k}: unknown export setting"
+                                        for k in unknown))
+        if isinstance(settings.get("model"), dict):
+            raise ConfigError(f"{args.config}:{lines['model']}: model: is an architecture "
+                              "mapping; export takes the trained folder (--model runs/x)")
+    comp = {**CONFIG_DEFAULTS["compression"], **(settings.pop("compression", None) or {})}
+    bad = [k for k in comp if k not in CONFIG_DEFAULTS["compression"]]
+    if bad:
+        raise ConfigError(f"{args.config}: compression: unknown keys {bad}")
+    for k in COMPRESSION_FLAGS:
+        v = getattr(args, k)
+        if v is not None:
+            comp[k] = v
+        delattr(args, k)
+    args.compression = comp
+    for key, value in {**CONFIG_DEFAULTS, **settings}.items():
+        if key != "compression" and getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if not args.model:
+        raise ConfigError("no model: pass --model runs/x (or model: in the config file)")
+    return args
+
+
+def checkpoint_hash(path) -> dict:
+    """sha256 of config.json and the weight files, and one over all of them."""
+    path = Path(path)
+    files = sorted([path / "config.json", *path.glob("*.safetensors")])
+    each, total = {}, hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        each[f.name] = h.hexdigest()
+        total.update(f"{f.name}:{each[f.name]}\n".encode())
+    return {"sha256": total.hexdigest(), "files": each}
+
+
+def check_space(folder: Path, need: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ExportError(f"no space left: the export needs about {need / 1e9:.2f} GB under "
+                          f"{folder}, {free / 1e9:.2f} GB are free")
+
+
+class Progress:
+    def __init__(self, total: int, stream=None):
+        self.total, self.i, self.stream, self.times = total, 0, stream or sys.stdout, {}
+        self.start = time.perf_counter()
+
+    def stage(self, name: str):
+        self.i += 1
+        self.name, self.t0 = name, time.perf_counter()
+        print(f"[{self.i}/{self.total}] {name} ...", file=self.stream, flush=True)
+
+    def done(self, detail: str = ""):
+        dt = time.perf_counter() - self.t0
+        self.times[self.name] = round(dt, 3)
+        print(f"      {self.name}: {dt:.1f} s{'  ' + detail if detail else ''}",
+              file=self.stream, flush=True)
+
+
+def run(args) -> dict:
+    """Export; returns the manifest (also written to <out>/export_manifest.json)."""
+    ct = coremltools()
+    model_dir = Path(args.model)
+    out = Path(args.out or Path("artifacts") / model_dir.name)
+    comp = Compression(**args.compression)
+    progress = Progress(6 + bool(args.onnx))
+
+    progress.stage("read checkpoint")
+    mirror = load_mirror(model_dir)
+    config = mirror.config
+    contexts = list(args.contexts or config.contexts)
+    prefill = list(args.prefill_lengths or config.prefill_lengths)
+    if max(contexts) > max(config.contexts):
+        raise ExportError(f"context {max(contexts)} is above the model's largest context "
+                          f"{max(config.contexts)} (its RoPE table and max positions)")
+    specs = plan(contexts, prefill)
+    params = sum(p.numel() for p in mirror.parameters())
+    source = checkpoint_hash(model_dir)
+    progress.done(f"{params:,} parameters, {len(specs)} functions, vocab chunks {mirror.rows}")
+
+    progress.stage("fp16 audit")
+    T = min(args.calibration_tokens, max(config.contexts))
+    text = Path(args.calibration).read_text() if args.calibration else None
+    ids = fp16.calibration_ids(model_dir if (model_dir / "tokenizer.json").exists() else None,
+                               length=T, rows=1, vocab_size=config.vocab_size, text=text)
+    table = fp16.audit(mirror, ids, args.fp16_margin)
+    print(fp16.format_table(table))
+    fp16.check(table, args.fp16_audit)
+    progress.done("ok" if table["ok"] else "OVER THE MARGIN")
+
+    progress.stage("mirror vs MLX parity")
+    parity = {"skipped": "--no-parity"}
+    if args.parity:
+        from .parity import check_mlx
+
+        parity = check_mlx(model_dir, mirror, prefill=min(16, min(contexts) // 2), decode=8)
+    progress.done(", ".join(f"{k} {v:.2e}" for k, v in parity.items() if k.endswith("err")))
+
+    # Each function is saved on its own before the merge deduplicates them, then the package.
+    per_param = max(BYTES_PER_PARAM[f] for f in comp.formats())
+    est = int(params * per_param * (len(specs) + 1)) + 2 ** 26
+    check_space(out.parent, est)
+    progress.stage(f"convert and compress {len(specs)} functions")
+    models = {}
+    for s in specs:
+        t0 = time.perf_counter()
+        models[s.name] = compress(convert_function(mirror, s), comp)
+        print(f"      {s.name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    progress.done()
+
+    manifest = {
+        "format": "mlx-student-export/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(model_dir), **source},
+        "config": config.to_mlx_config(),
+        "package": f"{args.name}.mlpackage",
+        "parameters": params,
+        "coremltools_version": ct.__version__,
+        "torch_version": __import__("torch").__version__,
+        "minimum_deployment_target": "iOS18 / macOS15",
+        "compute_precision": "fp16",
+        "layout": {"activations": "(1, C, 1, T) channels-first, 1x1 conv2d projections",
+                   "kv_state": "(layers, kv_heads, head_dim, context) fp16, written at position",
+                   "vocab_chunks": mirror.rows, "logits": "last token of each call, (1, 1, vocab)"},
+        "compression": comp.describe(),
+        "fp16_audit": table,
+        "mirror_parity": parity,
+    }
+    progress.stage("save multifunction package")
+    try:
+        with atomic_dir(out) as tmp:
+            pkg = save_multifunction(models, tmp / manifest["package"], specs[0].name,
+                                     metadata={"mlx_student.source_sha256": source["sha256"]})
+            size = package_bytes(pkg)
+            manifest.update(package_bytes=size, bytes_per_param=size / params)
+            progress.done(f"{size / 1e6:.1f} MB, {size / params:.3f} bytes/param "
+                          f"(weights {comp.weights}, embedding {comp.embedding})")
+            if args.onnx:
+                from .onnx_export import export_onnx
+
+                progress.stage("ONNX export")
+                manifest["onnx"] = export_onnx(mirror, tmp / "onnx", prefill, contexts)
+                progress.done(f"{len(manifest['onnx']['files'])} files, max rel err vs mirror "
+                              f"{manifest['onnx']['max_rel_err']:.2e}")
+            progress.stage("manifest")
+            d = describe(pkg)
+            manifest["default_function"] = d["default_function"]
+            manifest["functions"] = [{**dataclasses.asdict(s), **{
+                k: d["functions"][s.name][k] for k in ("inputs", "outputs", "states")}}
+                for s in specs]
+            manifest["timings_s"] = {**progress.times, "total": round(
+                time.perf_counter() - progress.start, 3)}
+            (tmp / "export_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            progress.done(str(out / "export_manifest.json"))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ExportError(f"no space left on the device while writing {out}") from e
+        raise
+    print(f"wrote {out / manifest['package']} ({len(specs)} functions, "
+          f"{manifest['bytes_per_param']:.3f} bytes/param) in "
+          f"{manifest['timings_s']['total']:.1f} s")
+    return manifest
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (ConfigError, ExportError, UnsupportedModel, FileNotFoundError, ValueError,
+            fp16.Fp16Overflow) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

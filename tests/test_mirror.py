@@ -1,0 +1,157 @@
+"""The PyTorch mirror against mlx-lm on the same checkpoint (fp32), prefill and KV-cache decode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.mirror import UnsupportedModel, load_mirror, read_checkpoint, vocab_chunks
+from mlx_student import model as student_model
+from mlx_student.config import load_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return load_config(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tiny_config, tokenizer):
+    model = student_model.build(tiny_config, seed=3)
+    return student_model.save(tmp_path_factory.mktemp("m") / "tiny", model, tiny_config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def mirror(student_dir):
+    return load_mirror(student_dir)
+
+
+def i32(x):
+    return torch.tensor(x, dtype=torch.int32)
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def mlx_run(student_dir, chunks):
+    """mlx-lm logits for each chunk of ids fed in turn through its KVCache."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = mlx_lm.load(str(student_dir))
+    cache = make_prompt_cache(model)
+    return [np.array(model(mx.array(c[None]), cache=cache)[0]) for c in chunks]
+
+
+def test_prefill_and_decode_match_mlx(student_dir, mirror):
+    """Two prefill chunks (the second attends to the first through the cache and the causal
+    mask), then step-by-step decode, each against mlx-lm with its KVCache."""
+    S = 128
+    ids = np.random.default_rng(0).integers(0, 49152, size=16 + 16 + 10)
+    chunks = [ids[:16], ids[16:32]] + [ids[t:t + 1] for t in range(32, len(ids))]
+    ref = mlx_run(student_dir, chunks)
+    k = torch.zeros(mirror.cache_shape(S))
+    v = torch.zeros(mirror.cache_shape(S))
+    pre, dec = mirror.function(16, S, all_logits=True), mirror.function(1, S)
+    pos = 0
+    errs = []
+    with torch.no_grad():
+        for c, r in zip(chunks, ref):
+            fn = pre if len(c) == 16 else dec
+            logits, k, v = fn(i32(c[None]), i32([pos]), k, v)
+            assert logits.shape == (1, len(c), 49152)
+            errs.append(rel(logits[0].numpy(), r))
+            pos += len(c)
+    assert max(errs[:2]) < 1e-4, errs  # prefill
+    assert max(errs[2:]) < 1e-4, errs  # decode
+    # The cache holds exactly the written positions; the rest is untouched.
+    assert torch.count_nonzero(k[..., pos:]) == 0 and torch.count_nonzero(k[..., pos - 1]) > 0
+
+
+def test_last_token_logits_and_functional_cache(mirror):
+    ids = i32(np.random.default_rng(1).integers(0, 49152, size=(1, 16)))
+    k0 = torch.zeros(mirror.cache_shape(128))
+    with torch.no_grad():
+        full, _, _ = mirror.function(16, 128, all_logits=True)(ids, i32([0]), k0, k0)
+        last, k1, _ = mirror.function(16, 128)(ids, i32([0]), k0, k0)
+    assert last.shape == (1, 1, 49152)
+    torch.testing.assert_close(last[0, 0], full[0, -1])
+    assert torch.count_nonzero(k0) == 0 and torch.count_nonzero(k1) > 0  # input not mutated
+
+
+def test_vocab_split():
+    assert vocab_chunks(49152) == [16384] * 3
+    assert vocab_chunks(163840) == [16384] * 10
+    assert vocab_chunks(16384) == [16384]
+    rows = vocab_chunks(50000)
+    assert sum(rows) == 50000 and max(rows) <= 16384 and max(rows) - min(rows) <= 1
+
+
+def test_uneven_chunks_give_the_same_logits(student_dir, mirror):
+    """Many uneven chunks (embedding gathers and head convs) equal the 3-chunk split."""
+    small = load_mirror(student_dir, max_rows=5000)
+    assert len(small.rows) == 10 and len(set(small.rows)) == 2
+    ids = np.random.default_rng(2).integers(0, 49152, size=(1, 16))
+    ids[0, :4] = [0, 4915, 4916, 49151]  # chunk edges
+    k = torch.zeros(mirror.cache_shape(128))
+    with torch.no_grad():
+        a = mirror.function(16, 128, all_logits=True)(i32(ids), i32([0]), k, k)[0]
+        b = small.function(16, 128, all_logits=True)(i32(ids), i32([0]), k, k)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embedding_is_stored_once(mirror, tiny_config):
+    from mlx_student.info import parameters
+
+    assert mirror.head is mirror.embed
+    assert sum(p.numel() for p in mirror.parameters()) == parameters(tiny_config)["total"]
+
+
+def test_reading_a_checkpoint_needs_no_mlx(student_dir):
+    code = ("import sys; from export.mirror import load_mirror; m = load_mirror(sys.argv[1]); "
+            "bad = [n for n in sys.modules if n == 'mlx' or n.startswith(('mlx.', 'mlx_lm'))]; "
+            "assert not bad, bad; print(m.rows)")
+    out = subprocess.run([sys.executable, "-c", code, str(student_dir)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[16384, 16384, 16384]"
+
+
+def test_unsupported_checkpoints_are_refused(tmp_path, student_dir):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((student_dir / name).read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    config["attention_bias"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModel, match="rope_scaling.*attention_bias|attention_bias.*rope"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_checkpoint(tmp_path / "missing")
+
+
+def test_right_padded_last_chunk_then_decode(student_dir, mirror):
+    """The runtime pattern convert.py documents: a 10-token prompt in a right-padded 16-token
+    prefill, the last prompt token decoded again at its position, then normal decode steps."""
+    ids = np.random.default_rng(4).integers(0, 49152, size=14)
+    ref = mlx_run(student_dir, [ids[:10]] + [ids[t:t + 1] for t in range(10, 14)])
+    padded = np.concatenate([ids[:10], np.full(6, 7, dtype=ids.dtype)])
+    k = v = torch.zeros(mirror.cache_shape(128))
+    dec = mirror.function(1, 128)
+    with torch.no_grad():
+        _, k, v = mirror.function(16, 128)(i32(padded[None]), i32([0]), k, v)
+        logits, k, v = dec(i32(ids[None, 9:10]), i32([9]), k, v)
+        errs = [rel(logits[0, 0].numpy(), ref[0][-1])]
+        for t in range(10, 14):
+            logits, k, v = dec(i32(ids[None, t:t + 1]), i32([t]), k, v)
+            errs.append(rel(logits[0, 0].numpy(), ref[t - 9][0]))
+    assert max(errs) < 1e-4, errs
