@@ -8,4 +8,7 @@ Modules (one job each; export may import mlx_student, never the reverse):
   parity       mirror vs mlx-lm (fp32, KVCache), for the manifest
   onnx_export  the same mirror as ONNX with explicit KV inputs/outputs, checked by onnxruntime
   cli          mlx_student.export: all of the above plus export_manifest.json
+  mil_executor reference MIL executor (numpy, fp16 emulation, states, constexpr weights)
+  mil_ops      numpy semantics of the MIL ops
+  ane_lint     static ANE placement lint (+ MLComputePlan on macOS)
 """
