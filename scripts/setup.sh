@@ -13,6 +13,15 @@ if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libbl
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
 fi
 
+# Python's documentation sources: real text for the KD prompt builders (docs_*).
+PYMINOR=$("$PYTHON" -c 'import sys; print(sys.version_info.minor)')
+if [ "$(uname -s)" = Linux ] && [ ! -d "/usr/share/doc/python3.$PYMINOR/html/_sources/library" ]; then
+    echo "== installing the Python docs (apt: python3.$PYMINOR-doc)"
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "python3.$PYMINOR-doc" >/dev/null
+fi
+
 [ -x .venv/bin/python ] || { echo "== creating .venv"; "$PYTHON" -m venv .venv; }
 STAMP=.venv/.mlx_student-setup
 WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
