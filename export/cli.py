@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_student.config import ConfigError, load_yaml
+from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
 
 from . import audit as fp16
@@ -81,17 +81,11 @@ COMPRESSION_FLAGS = ("weights", "embedding", "lm_head", "block_size", "lut_group
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
-    settings, lines = {}, {}
-    if args.config:
-        settings, lines = load_yaml(args.config)
-        unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
-        if unknown:
-            raise ConfigError("\n".join(f"{args.config}:{lines[k]}: {k}: unknown export setting"
-                                        for k in unknown))
-        if isinstance(settings.get("model"), dict):
-            raise ConfigError(f"{args.config}:{lines['model']}: model: is an architecture "
-                              "mapping; export takes the trained folder (--model runs/x)")
-    comp = {**CONFIG_DEFAULTS["compression"], **(settings.pop("compression", None) or {})}
+    settings, lines = apply_config(args, CONFIG_DEFAULTS, what="export setting")
+    if isinstance(settings.get("model"), dict):
+        raise ConfigError(f"{args.config}:{lines['model']}: model: is an architecture "
+                          "mapping; export takes the trained folder (--model runs/x)")
+    comp = {**CONFIG_DEFAULTS["compression"], **(args.compression or {})}
     bad = [k for k in comp if k not in CONFIG_DEFAULTS["compression"]]
     if bad:
         raise ConfigError(f"{args.config}: compression: unknown keys {bad}")
@@ -101,9 +95,6 @@ def parse_args(argv=None):
             comp[k] = v
         delattr(args, k)
     args.compression = comp
-    for key, value in {**CONFIG_DEFAULTS, **settings}.items():
-        if key != "compression" and getattr(args, key, None) is None:
-            setattr(args, key, value)
     if not args.model:
         raise ConfigError("no model: pass --model runs/x (or model: in the config file)")
     return args

@@ -224,3 +224,19 @@ def load_config(path) -> StudentConfig:
         n = len(problems)
         raise ConfigError(f"{path}: {n} problem{'s' * (n > 1)}:\n" + "\n".join(msgs))
     return config
+
+
+def apply_config(args, defaults: dict, skip=(), what="setting") -> tuple:
+    """Fill the unset (None) attributes of parsed `args` from the YAML file `args.config`,
+    then from `defaults`: flags over the file over the defaults, as in mlx_lm.lora. Keys in
+    `skip` are left to the caller; any other key not in `defaults` is an error naming the file
+    and line. Returns the file's (settings, {key: line})."""
+    settings, lines = load_yaml(args.config) if args.config else ({}, {})
+    settings = {k: v for k, v in settings.items() if k not in skip}
+    unknown = [k for k in settings if k not in defaults]
+    if unknown:
+        raise ConfigError("\n".join(f"{args.config}:{lines[k]}: {k}: unknown {what}" for k in unknown))
+    for key, value in {**defaults, **settings}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return settings, lines

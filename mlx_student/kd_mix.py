@@ -34,7 +34,7 @@ from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
 from . import default_teacher, prompts, teacher_server
-from .config import ConfigError, load_yaml
+from .config import ConfigError, apply_config
 from .local_teacher import LocalTeacher, LocalTeacherArgs
 from .teacher import AlignmentError, HTTPTeacher, HTTPTeacherArgs, TeacherError, align
 
@@ -128,13 +128,7 @@ def _check_sources(sources, where):
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS; settings checked."""
     args = build_parser().parse_args(argv)
-    settings, lines = load_yaml(args.config) if args.config else ({}, {})
-    unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
-    if unknown:
-        raise ConfigError("\n".join(f"{args.config}:{lines[k]}: {k}: unknown setting" for k in unknown))
-    for key, value in {**CONFIG_DEFAULTS, **settings}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    settings, lines = apply_config(args, CONFIG_DEFAULTS)
     if args.prompts:
         args.sources = [{"name": Path(args.prompts).stem, "jsonl": args.prompts, "weight": 1.0}]
     _check_sources(args.sources, f"{args.config}:{lines.get('sources', 1)}" if "sources" in settings

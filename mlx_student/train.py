@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint, default_teacher
 from . import model as student_model
-from .config import ConfigError, load_config, load_yaml
+from .config import ConfigError, apply_config, load_config
 from .data import DataError, load_dataset
 from .losses import LOSSES, TAILS
 from .trainer import DTYPES, TrainingArgs, schedule, train
@@ -93,16 +93,7 @@ def build_parser():
 def parse_args(argv=None):
     """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
-    data, lines = load_yaml(args.config)
-    settings = {k: v for k, v in data.items() if k != "model"}
-    unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
-    if unknown:
-        raise ConfigError(
-            "\n".join(f"{args.config}:{lines[k]}: {k}: unknown run setting" for k in unknown)
-        )
-    for key, value in {**CONFIG_DEFAULTS, **settings}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    apply_config(args, CONFIG_DEFAULTS, skip=("model",), what="run setting")
     return args
 
 
