@@ -2,7 +2,7 @@
 
 A calibration batch goes through the mirror in fp32 while it records max |x| per tap:
   residual            the residual stream after every attention and MLP block
-  norm_mean_square    the RMSNorm accumulator, mean(x^2) (what the fp16 norm actually holds)
+  norm_mean_square    the RMSNorm accumulator, mean((x / max|x|)^2): at most 1 by construction
   attention_logits    q.k / sqrt(d) before the mask
   swiglu_product      silu(gate) * up, the input of down_proj
   logits              the LM head output

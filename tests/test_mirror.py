@@ -155,3 +155,24 @@ def test_right_padded_last_chunk_then_decode(student_dir, mirror):
             logits, k, v = dec(i32(ids[None, t:t + 1]), i32([t]), k, v)
             errs.append(rel(logits[0, 0].numpy(), ref[t - 9][0]))
     assert max(errs) < 1e-4, errs
+
+
+def test_rms_norm_survives_massive_activations_in_fp16(tmp_path, tokenizer):
+    """A trained residual stream reaches |x| ~ 2.5e4: x^2 overflows fp16, the norm must not."""
+    import torch
+
+    from export.mirror import load_mirror
+    from mlx_student import model as student_model
+    from mlx_student.config import load_config
+
+    config = load_config(Path(__file__).parent.parent / "configs/tiny.yaml")
+    path = student_model.save(tmp_path / "s", student_model.build(config), config, tokenizer)
+    mirror = load_mirror(path)
+    x = torch.randn(1, config.hidden_size, 1, 8)
+    x[0, 3, 0, :] = 3e4  # one massive channel, as in trained models
+    x[0, :, 0, 0] *= 1e-5  # and one nearly-zero token, where eps matters
+    w = mirror.norm
+    ref = x.double() / torch.sqrt((x.double() ** 2).mean(dim=1, keepdim=True) + config.rms_norm_eps) * w.double()
+    half = mirror.half()._rms_norm(x.half(), mirror.norm)
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.double(), ref, rtol=2e-3, atol=2e-3)
