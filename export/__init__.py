@@ -11,4 +11,6 @@ Modules (one job each; export may import mlx_student, never the reverse):
   mil_executor reference MIL executor (numpy, fp16 emulation, states, constexpr weights)
   mil_ops      numpy semantics of the MIL ops
   ane_lint     static ANE placement lint (+ MLComputePlan on macOS)
+  taps         the probe's three backends (MLX layer by layer, mirror, MIL dataflow tap map)
+  probe        mlx_student.probe: gated MLX / mirror / CoreML parity report (JSON, Markdown, PNG)
 """
