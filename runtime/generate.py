@@ -11,9 +11,7 @@ An *engine* is anything that calls like an mlx-lm model and makes its own cache:
 
 That is exactly the contract of mlx_lm.generate.generate_step, so the decode loop, the sampler and
 the logits processors are mlx-lm's own and every engine shares them. MLXEngine (here) wraps an
-mlx-lm model folder. A CoreML engine (the multifunction package: prefill over the enumerated
-lengths in chunks, then decode with the fp16 state) plugs in by implementing the same three
-members; it is NOT implemented yet (it waits for the exporter and the reference MIL executor).
+mlx-lm model folder; CoreMLEngine (runtime/coreml_engine.py) the exported multifunction package.
 """
 
 import time
