@@ -7,6 +7,9 @@ MLX parity, convert + compress every enumerated function, merge them into one mu
 .mlpackage, write export_manifest.json (and ONNX files with --onnx). The output folder is
 written atomically: a failed export leaves the previous one untouched.
 Command-line flags override the config file, which overrides CONFIG_DEFAULTS (as mlx_lm.lora).
+A QAT checkpoint (config.json `student.qat`) sets the compression it was trained for (int8, or
+int4 with its group size as the block; the embedding too when it was quantized); only
+compression flags on the command line override that.
 """
 
 import argparse
@@ -89,6 +92,7 @@ def parse_args(argv=None):
     bad = [k for k in comp if k not in CONFIG_DEFAULTS["compression"]]
     if bad:
         raise ConfigError(f"{args.config}: compression: unknown keys {bad}")
+    args.compression_flags = [k for k in COMPRESSION_FLAGS if getattr(args, k) is not None]
     for k in COMPRESSION_FLAGS:
         v = getattr(args, k)
         if v is not None:
@@ -98,6 +102,17 @@ def parse_args(argv=None):
     if not args.model:
         raise ConfigError("no model: pass --model runs/x (or model: in the config file)")
     return args
+
+
+def qat_compression(comp: dict, qat, flags=()) -> dict:
+    """`comp` with the formats a QAT checkpoint trained on, except those set by `flags`."""
+    if not qat:
+        return comp
+    fmt = {8: "int8", 4: "int4"}[qat["bits"]]
+    picked = {"weights": fmt, "block_size": qat["group_size"]}
+    if qat["embeddings"]:
+        picked.update(embedding=fmt, lm_head=fmt)
+    return {**comp, **{k: v for k, v in picked.items() if k not in flags}}
 
 
 def checkpoint_hash(path) -> dict:
@@ -145,12 +160,12 @@ def run(args) -> dict:
     ct = coremltools()
     model_dir = Path(args.model)
     out = Path(args.out or Path("artifacts") / model_dir.name)
-    comp = Compression(**args.compression)
     progress = Progress(6 + bool(args.onnx))
 
     progress.stage("read checkpoint")
     mirror = load_mirror(model_dir)
     config = mirror.config
+    comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags))
     contexts = list(args.contexts or config.contexts)
     prefill = list(args.prefill_lengths or config.prefill_lengths)
     if max(contexts) > max(config.contexts):
@@ -159,7 +174,8 @@ def run(args) -> dict:
     specs = plan(contexts, prefill)
     params = sum(p.numel() for p in mirror.parameters())
     source = checkpoint_hash(model_dir)
-    progress.done(f"{params:,} parameters, {len(specs)} functions, vocab chunks {mirror.rows}")
+    progress.done(f"{params:,} parameters, {len(specs)} functions, vocab chunks {mirror.rows}"
+                  + (f"; QAT checkpoint {config.qat}: weights {comp.weights}" if config.qat else ""))
 
     progress.stage("fp16 audit")
     T = min(args.calibration_tokens, max(config.contexts))
@@ -205,7 +221,7 @@ def run(args) -> dict:
         "layout": {"activations": "(1, C, 1, T) channels-first, 1x1 conv2d projections",
                    "kv_state": "(layers, kv_heads, head_dim, context) fp16, written at position",
                    "vocab_chunks": mirror.rows, "logits": "last token of each call, (1, 1, vocab)"},
-        "compression": comp.describe(),
+        "compression": {**comp.describe(), "qat": config.qat},
         "fp16_audit": table,
         "mirror_parity": parity,
     }

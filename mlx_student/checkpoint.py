@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import model as student_model
 from .config import ConfigError
 from .files import atomic_dir, recover
+from .quant import fake_quantized, record
 
 RUN_FILES = ("metrics.jsonl", "loss.png")  # kept across model-folder replacements
 
@@ -32,13 +33,19 @@ def trainer_dir(out) -> Path:
     return out.with_name(out.name + ".trainer")
 
 
-def save(out, model, config, tokenizer, optimizer, step, settings: dict):
+def save(out, model, config, tokenizer, optimizer, step, settings: dict, qat=None):
+    """Write both folders. With `qat` (a QAT step) the model folder gets the fake-quantized
+    weights, exactly on the grid the exporter uses, and records `student.qat`; the trainer
+    folder always keeps the fp32 masters."""
     with atomic_dir(trainer_dir(out)) as tmp:
         mx.save_safetensors(str(tmp / "weights.safetensors"), dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         state = {"step": step, "config": dataclasses.asdict(config), "settings": settings}
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    student_model.save(out, model, config, tokenizer, keep=RUN_FILES)
+    if qat:
+        config = dataclasses.replace(config, qat=record(qat))
+    with fake_quantized(model, qat):
+        student_model.save(out, model, config, tokenizer, keep=RUN_FILES)
 
 
 def load(out, model, optimizer, config) -> dict:

@@ -7,6 +7,12 @@ The config file holds the model (`model:`) and run settings (the keys of CONFIG_
 command-line flags override the file, the file overrides the defaults, as in mlx_lm.lora.
 The run writes runs/<name>/ (an mlx-lm model folder with metrics.jsonl and loss.png) and
 runs/<name>.trainer/ (what --resume needs) every --steps-per-save steps and at the end.
+
+`qat: {bits: 8, group_size: 32, embeddings: false, start_step: 160}` (or --qat
+bits=8,start_step=160) makes the steps after start_step quantization-aware (mlx_student.quant):
+from then on runs/<name>/ holds the fake-quantized weights, exactly on the int8 (or 4-bit)
+grid, and its config.json records `student.qat`, from which the exporter picks its
+compression; runs/<name>.trainer/ keeps the fp32 masters.
 """
 
 import argparse
@@ -26,6 +32,7 @@ from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import DataError, load_dataset
 from .losses import LOSSES, TAILS
+from .quant import qat_settings
 from .trainer import DTYPES, TrainingArgs, schedule, train
 
 CONFIG_DEFAULTS = {
@@ -52,6 +59,16 @@ def loss_weights(text):
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown loss {sorted(unknown)}; known: {list(LOSSES)}")
     return weights
+
+
+def qat_flag(text):
+    """'bits=4,group_size=32,start_step=160' -> the qat mapping (checked in run)."""
+    try:
+        pairs = dict(p.split("=") for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected key=value,... got {text!r}") from None
+    return {k.strip(): v.strip().lower() == "true" if k.strip() == "embeddings" else int(v)
+            for k, v in pairs.items()}
 
 
 def build_parser():
@@ -82,6 +99,7 @@ def build_parser():
     add("--temperature", type=float, help="KD temperature (T^2-scaled)")
     add("--jsd-beta", type=float, help="beta of the generalized JSD")
     add("--topk-tail", choices=TAILS, help="top-k KD tail mode")
+    add("--qat", type=qat_flag, help="QAT after a step: bits=8,start_step=160 (group_size, embeddings)")
     add("--steps-per-report", type=int, help="progress-bar refresh interval")
     add("--steps-per-eval", type=int, help="validate every N steps")
     add("--val-batches", type=int, help="validation batches, -1 for all")
@@ -121,6 +139,15 @@ def plot_losses(history, path):
 
 def run(args):
     config = load_config(args.config)
+    try:
+        args.qat = qat_settings(args.qat)
+    except ValueError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    widths = (config.hidden_size, config.intermediate_size,
+              config.num_attention_heads * config.head_dim)  # the linears' input widths
+    if args.qat and args.qat["bits"] == 4 and any(w % args.qat["group_size"] for w in widths):
+        raise ConfigError(f"{args.config}: qat.group_size {args.qat['group_size']} does not divide "
+                          f"the input widths {widths}")
     if config.tokenizer is None:
         raise ConfigError(f"{args.config}: model.tokenizer: a tokenizer folder is needed to train")
     if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
@@ -161,7 +188,8 @@ def run(args):
             bar.write(f"step {record['step']}: valid " + ", ".join(f"{k} {v:.4g}" for k, v in record["valid"].items()))
 
     def on_save(step):
-        checkpoint.save(out, model, config, tokenizer, optimizer, step, settings)
+        qat = targs.qat if targs.qat and step > targs.qat["start_step"] else None
+        checkpoint.save(out, model, config, tokenizer, optimizer, step, settings, qat)
 
     valid = splits["valid"].examples if "valid" in splits else None
     history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report, on_save)

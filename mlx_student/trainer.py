@@ -12,12 +12,16 @@ distillation:
   (seed, step) every step. A resumed run sees exactly what the uninterrupted one would have.
 * Validation reports, besides loss and perplexity, top-1 agreement with the teacher and KL to
   its top-k distribution when the data carry teacher top-k.
+* QAT (`qat`, mlx_student.quant) is a phase of the same run: the steps after
+  `qat["start_step"]` train the fp32 masters through fake-quantized weights (straight-through
+  estimator), and validate the fake-quantized model.
 """
 
 import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +32,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .data import iterate_batches
 from .losses import loss_mix, topk_kd
+from .quant import fake_quantize, fake_quantized
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -50,6 +55,7 @@ class TrainingArgs:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     topk_tail: str = "bucket"
+    qat: Optional[dict] = None  # quant.qat_settings: {bits, group_size, embeddings, start_step}
 
 
 def schedule(learning_rate, iters, warmup, min_lr_ratio):
@@ -67,12 +73,21 @@ def _term_mask(name, batch):
     return batch["kd_mask"] if name != "ce" and "kd_mask" in batch else batch["mask"]
 
 
-def make_loss(args, names):
-    """loss_fn(model, batch, scales) -> (sum of loss[n] * scales[i] * part_n, parts)."""
+def qat_active(args, step) -> bool:
+    """Whether `step` (1-based) is a QAT step."""
+    return args.qat is not None and step > args.qat["start_step"]
+
+
+def make_loss(args, names, qat=None):
+    """loss_fn(model, batch, scales) -> (sum of loss[n] * scales[i] * part_n, parts).
+    With `qat` the forward pass sees the fake-quantized weights (then cast to the compute
+    dtype); gradients reach the masters straight through."""
     dtype = DTYPES[args.compute_dtype]
     unit = {n: 1.0 for n in names}
 
     def loss_fn(model, batch, scales):
+        if qat:
+            model.update(fake_quantize(model.parameters(), qat))
         if dtype != mx.float32:
             model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
         logits = model(batch["inputs"])
@@ -135,18 +150,21 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     names = [n for n, w in args.loss.items() if w]
-    loss_fn = make_loss(args, names)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def grad_step(batch, scales, prev_grad):
-        params = model.trainable_parameters()
-        (_, parts), grad = value_and_grad(model, batch, scales)
-        model.update(params)  # the fp32 masters, if the loss cast the model down
-        if prev_grad is not None:
-            grad = tree_map(mx.add, grad, prev_grad)
-        return mx.stack([parts[n] for n in names]), grad
+    def make_grad_step(qat):
+        value_and_grad = nn.value_and_grad(model, make_loss(args, names, qat))
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def grad_step(batch, scales, prev_grad):
+            params = model.trainable_parameters()
+            (_, parts), grad = value_and_grad(model, batch, scales)
+            model.update(params)  # the fp32 masters, if the loss cast or quantized the model
+            if prev_grad is not None:
+                grad = tree_map(mx.add, grad, prev_grad)
+            return mx.stack([parts[n] for n in names]), grad
+
+        return grad_step
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grad):
@@ -159,8 +177,11 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
     batches = iterate_batches(
         train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True, start=start_step
     )
-    history, tokens, tic = [], 0, time.perf_counter()
+    history, tokens, tic, phase = [], 0, time.perf_counter(), None
     for it in range(start_step + 1, args.iters + 1):
+        if qat_active(args, it) != phase:  # a new phase: a new compiled step
+            phase = qat_active(args, it)
+            grad_step = make_grad_step(args.qat if phase else None)
         # Every rank collates the same global batch, so each term's token count over the whole
         # step is known everywhere; this rank's micro-batches are its rows, `micro` at a time,
         # each weighing its per-token mean by its count / the step's count.
@@ -188,8 +209,11 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
             "lr": optimizer.learning_rate.item(),
             "tokens_per_s": tokens / (time.perf_counter() - tic),
         }
+        if args.qat is not None:
+            record["qat"] = phase
         if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
-            record["valid"] = evaluate(model, valid_set, args)
+            with fake_quantized(model, args.qat if phase else None):
+                record["valid"] = evaluate(model, valid_set, args)
         if rank == 0:
             history.append(record)
             if on_report:
