@@ -31,6 +31,15 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def save_tiny(path, tokenizer, seed=0):
+    """A freshly initialized tiny student (configs/tiny.yaml) saved as an mlx-lm folder."""
+    from mlx_student import model as student_model
+    from mlx_student.config import load_config
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    return student_model.save(path, student_model.build(config, seed=seed), config, tokenizer)
+
+
 def train_argv(tmp_path, data, *flags, loss=None):
     """mlx_student.train arguments for the tiny student; `loss` goes into the config file."""
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,14 @@
 """JSON-schema constrained decoding on an untrained (random) tiny student: every output is valid."""
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 
-from mlx_student import model as student_model
-from mlx_student.config import load_config
 from runtime.constrained import engine_vocab, json_schema_processor, tool_call_schema
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
+from conftest import save_tiny
 
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 WEATHER = {
     "type": "function",
@@ -41,10 +38,7 @@ BOOK = {"type": "function", "function": {"name": "book_table", "parameters": {
 
 @pytest.fixture(scope="module")
 def random_tiny(tmp_path_factory, tokenizer):
-    config = load_config(CONFIGS / "tiny.yaml")
-    path = student_model.save(tmp_path_factory.mktemp("c") / "tiny",
-                              student_model.build(config, seed=7), config, tokenizer)
-    return MLXEngine.load(path)
+    return MLXEngine.load(save_tiny(tmp_path_factory.mktemp("c") / "tiny", tokenizer, seed=7))
 
 
 def run(engine, schema, n, temperature, max_tokens=160):

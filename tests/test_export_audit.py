@@ -1,25 +1,18 @@
 """The fp16 headroom audit on the fp32 mirror: quiet on a healthy student, trips on one whose
 weights are scaled to overflow fp16, and the CLI refuses (or warns) accordingly."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from export import audit, cli
 from export.mirror import TAPS, load_mirror
-from mlx_student import model as student_model
-from mlx_student.config import load_config
-
-ROOT = Path(__file__).parent.parent
+from conftest import save_tiny
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, tokenizer):
-    config = load_config(ROOT / "configs" / "tiny.yaml")
-    model = student_model.build(config, seed=5)
-    return student_model.save(tmp_path_factory.mktemp("a") / "tiny", model, config, tokenizer)
+    return save_tiny(tmp_path_factory.mktemp("a") / "tiny", tokenizer, seed=5)
 
 
 @pytest.fixture(scope="module")

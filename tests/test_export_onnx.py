@@ -2,27 +2,20 @@
 onnxruntime against the mirror: one call at a random position and cache, and a whole
 prefill + decode chain with the caches passed from call to call."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from export.mirror import load_mirror
 from export.onnx_export import export_onnx
-from mlx_student import model as student_model
-from mlx_student.config import load_config
+from conftest import save_tiny
 
 ort = pytest.importorskip("onnxruntime")
-ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory, tokenizer):
-    config = load_config(ROOT / "configs" / "tiny.yaml")
-    folder = tmp_path_factory.mktemp("o") / "tiny"
-    student_model.save(folder, student_model.build(config, seed=6), config, tokenizer)
-    return load_mirror(folder)
+    return load_mirror(save_tiny(tmp_path_factory.mktemp("o") / "tiny", tokenizer, seed=6))
 
 
 @pytest.fixture(scope="module")

@@ -432,11 +432,12 @@ def test_tiny_student_prefill_and_decode_match_the_mirror(tmp_path, tokenizer):
 
     from export.convert import FunctionSpec, convert_function, save_multifunction
     from export.mirror import load_mirror
-    from mlx_student import model as student_model
     from mlx_student.config import load_config
 
+    from conftest import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny", tokenizer, seed=4)
     config = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml")
-    folder = student_model.save(tmp_path / "tiny", student_model.build(config, seed=4), config, tokenizer)
     mirror = load_mirror(folder)
     specs = [FunctionSpec("decode_ctx128", "decode", 1, 128),
              FunctionSpec("prefill_16_ctx128", "prefill", 16, 128)]

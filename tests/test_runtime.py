@@ -1,23 +1,17 @@
 """The generation API (runtime.generate) against mlx-lm's own generation on the same checkpoint."""
 
-from pathlib import Path
-
 import mlx_lm
 import pytest
 
-from mlx_student import model as student_model
-from mlx_student.config import load_config
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate, stream
+from conftest import save_tiny
 
-CONFIGS = Path(__file__).parent.parent / "configs"
 PROMPTS = ["Say hello.", "What is 2 + 3?", "Name three colours."]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    config = load_config(CONFIGS / "tiny.yaml")
-    model = student_model.build(config, seed=1)
-    return student_model.save(tmp_path_factory.mktemp("rt") / "tiny", model, config, tokenizer)
+    return save_tiny(tmp_path_factory.mktemp("rt") / "tiny", tokenizer, seed=1)
 
 
 @pytest.fixture(scope="module")

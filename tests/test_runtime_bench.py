@@ -1,18 +1,13 @@
 """The generation bench end to end on a tiny student (a smoke run with few tokens)."""
 
 import json
-from pathlib import Path
 
-from mlx_student import model as student_model
-from mlx_student.config import load_config
 from runtime import bench
-
-CONFIGS = Path(__file__).parent.parent / "configs"
+from conftest import save_tiny
 
 
 def test_bench_writes_table_json_and_plot(tmp_path, tokenizer):
-    config = load_config(CONFIGS / "tiny.yaml")
-    path = student_model.save(tmp_path / "tiny", student_model.build(config, seed=0), config, tokenizer)
+    path = save_tiny(tmp_path / "tiny", tokenizer, seed=0)
     out = tmp_path / "bench"
     r = bench.main(["--model", str(path), "--prompt-lengths", "16", "64", "--decode-tokens", "12",
                     "--reps", "1", "--draft-model", str(path), "--draft-k", "2", "--out", str(out)])

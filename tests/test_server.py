@@ -2,19 +2,16 @@
 
 import json
 import threading
-from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 
-from mlx_student import model as student_model
-from mlx_student.config import load_config
 from runtime.constrained import tool_call_schema
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
 from runtime.server import ChatServer
+from conftest import save_tiny
 
-CONFIGS = Path(__file__).parent.parent / "configs"
 TOKEN = "s3cret-token"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
@@ -28,10 +25,7 @@ PERSON = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, tokenizer):
-    config = load_config(CONFIGS / "tiny.yaml")
-    path = student_model.save(tmp_path_factory.mktemp("srv") / "tiny",
-                              student_model.build(config, seed=3), config, tokenizer)
-    return MLXEngine.load(path)
+    return MLXEngine.load(save_tiny(tmp_path_factory.mktemp("srv") / "tiny", tokenizer, seed=3))
 
 
 @pytest.fixture(scope="module")
