@@ -9,7 +9,9 @@ written atomically: a failed export leaves the previous one untouched.
 Command-line flags override the config file, which overrides CONFIG_DEFAULTS (as mlx_lm.lora).
 A QAT checkpoint (config.json `student.qat`) sets the compression it was trained for (int8, or
 int4 with its group size as the block; the embedding too when it was quantized); only
-compression flags on the command line override that.
+compression flags on the command line override that. Where the format is the QAT's, the package
+holds the checkpoint's own integers and scales (from its qat_scales.safetensors), so it
+dequantizes to the QAT weights bit for bit in fp16.
 """
 
 import argparse
@@ -27,7 +29,7 @@ from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
 
 from . import audit as fp16
-from .compress import FORMATS, Compression, compress
+from .compress import FORMATS, Compression, compress, exact_weights
 from .convert import ExportError, coremltools, convert_function, describe, package_bytes, plan
 from .convert import save_multifunction
 from .mirror import UnsupportedModel, load_mirror
@@ -166,6 +168,7 @@ def run(args) -> dict:
     mirror = load_mirror(model_dir)
     config = mirror.config
     comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags))
+    exact = exact_weights(model_dir, config.qat, mirror.offsets) if config.qat else None
     contexts = list(args.contexts or config.contexts)
     prefill = list(args.prefill_lengths or config.prefill_lengths)
     if max(contexts) > max(config.contexts):
@@ -203,7 +206,7 @@ def run(args) -> dict:
     models = {}
     for s in specs:
         t0 = time.perf_counter()
-        models[s.name] = compress(convert_function(mirror, s), comp)
+        models[s.name] = compress(convert_function(mirror, s), comp, exact)
         print(f"      {s.name}: {time.perf_counter() - t0:.1f} s", flush=True)
     progress.done()
 

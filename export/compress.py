@@ -12,16 +12,28 @@ Formats (the layouts of mlx_student/info.py):
 The projections of every layer use `weights`; the vocabulary table uses `embedding` (one table
 when tied: the LM head is the same constants); an untied LM head uses `lm_head` (default:
 `embedding`). Norm scales and the RoPE tables always stay fp16.
+
+A QAT checkpoint (config.json `student.qat`, mlx_student/quant.py) carries its scales in
+qat_scales.safetensors: `exact_weights` reads them and the weights (which are q * s exactly) back
+into integers, and `compress(..., exact=...)` writes those integers and fp16 scales into the
+package as they are, where the format matches the QAT's (int8 per channel, or int4 in blocks of
+the QAT group), instead of letting coremltools re-derive them: the package's dequantized weights
+are then the QAT model's, bit for bit in fp16, whether its scales were minmax or learned.
 """
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 FORMATS = ("fp16", "int8", "int4", "lut4", "lut8")
-PROJECTION = re.compile(r"layers_\d+_(q|k|v|o|gate|up|down)_proj")
-EMBEDDING = re.compile(r"(^|_)embed_\d+")
-LM_HEAD = re.compile(r"(^|_)head_\d+")
+PROJECTION = re.compile(r"layers_(\d+)_(q|k|v|o|gate|up|down)_proj")
+EMBEDDING = re.compile(r"(^|_)embed_(\d+)")
+LM_HEAD = re.compile(r"(^|_)head_(\d+)")
+QAT_SCALES = "qat_scales.safetensors"  # mlx_student.quant.SIDECAR
+QAT_FORMATS = {8: "int8", 4: "int4"}
 
 
 @dataclass
@@ -102,16 +114,121 @@ def weight_names(mlmodel) -> list:
             if op.op_type == "const"]
 
 
-def compress(mlmodel, c: Compression):
-    """The model with its weights compressed as `c` says (returns a new MLModel)."""
+@dataclass
+class ExactWeights:
+    """A QAT checkpoint's integers: {weight name: (int8 q, fp16 scales (rows, groups))}."""
+    bits: int
+    group_size: int
+    weights: dict
+    offsets: list  # first row of each vocabulary chunk of the mirror
+
+    def fits(self, fmt: str, c: Compression) -> bool:
+        return fmt == QAT_FORMATS[self.bits] and (self.bits == 8 or c.block_size == self.group_size)
+
+    def source(self, name: str):
+        """(checkpoint weight name, first row) of a converted weight constant, or None."""
+        m = PROJECTION.search(name)
+        if m:
+            block = "self_attn" if m.group(2) in "qkvo" else "mlp"
+            return f"model.layers.{m.group(1)}.{block}.{m.group(2)}_proj.weight", 0
+        for pattern, weight in ((EMBEDDING, "model.embed_tokens.weight"), (LM_HEAD, "lm_head.weight")):
+            m = pattern.search(name)
+            if m:
+                return weight, self.offsets[int(m.group(2))]
+        return None
+
+
+def exact_weights(model_dir, qat: dict, offsets: list) -> ExactWeights:
+    """The integers and scales of a QAT checkpoint: q = w / s exactly, since the saved weights
+    are q * s. Raises ValueError, naming the weight, if one is off its grid."""
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / QAT_SCALES).exists():
+        raise ValueError(f"{model_dir}: a QAT checkpoint (student.qat) without {QAT_SCALES}")
+    scales = load_file(model_dir / QAT_SCALES)
+    weights = {}
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        weights.update(load_file(f))
+    qmax = 2 ** (qat["bits"] - 1) - 1
+    out = {}
+    for key, s in scales.items():
+        if not key.endswith(".weight_scale"):
+            continue
+        name = key[: -len("_scale")]
+        w = weights[name].astype(np.float64)
+        q = w.reshape(*s.shape, -1) / s.astype(np.float64)[..., None]
+        ints = np.rint(q)
+        if not np.array_equal(ints, q) or np.abs(ints).max() > qmax:
+            raise ValueError(f"{model_dir}: {name} is not on the grid of its scales in {QAT_SCALES} "
+                             "(edited after QAT?)")
+        out[name] = (ints.astype(np.int8).reshape(w.shape), s.astype(np.float16))
+    return ExactWeights(qat["bits"], qat["group_size"], out, offsets)
+
+
+def _given(mlmodel, c: Compression, exact: ExactWeights) -> dict:
+    """{const name: (integers, scales)} shaped as the constants, for the weights whose format
+    is the QAT's."""
+    from coremltools.converters.mil.mil import types
+
+    dtype = types.nptype_from_builtin(types.int4 if exact.bits == 4 else types.int8)
+    given = {}
+    for f in mlmodel._mil_program.functions.values():
+        for op in f.operations:
+            r = role(op.name) if op.op_type == "const" else None
+            src = exact.source(op.name) if r and exact.fits(getattr(c, r), c) else None
+            if src is None or src[0] not in exact.weights:
+                continue
+            q, s = exact.weights[src[0]]
+            shape = op.outputs[0].shape  # (rows, inputs, 1, 1)
+            rows = slice(src[1], src[1] + shape[0])
+            given[op.name] = (q[rows].reshape(shape).astype(dtype),
+                              s[rows].reshape(shape[0], s.shape[1], 1, 1))
+    return given
+
+
+def _write_given(mlmodel, given: dict):
+    """The model with each named weight constant replaced by its given integers and scales
+    (constexpr_blockwise_shift_scale, the op coremltools' own quantizer writes)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.helper import block_context_manager
+    from coremltools.models.utils import _apply_graph_pass
+
+    class WriteGiven(AbstractGraphPass):
+        def apply(self, prog):
+            for f in prog.functions.values():
+                self.rewrite(f)
+
+        @block_context_manager
+        def rewrite(self, block):
+            for op in list(block.operations):
+                if op.op_type != "const" or op.name not in given:
+                    continue
+                data, scale = given[op.name]
+                new = mb.constexpr_blockwise_shift_scale(
+                    data=data, scale=scale, before_op=op, name=op.name + "_quantized")
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0],
+                                                   new_var=new, no_check_var_types=True)
+                block.remove_ops([op])
+
+    return _apply_graph_pass(mlmodel, WriteGiven())
+
+
+def compress(mlmodel, c: Compression, exact: Optional[ExactWeights] = None):
+    """The model with its weights compressed as `c` says (returns a new MLModel); with
+    `exact`, the QAT integers and scales where the format is the QAT's."""
     import coremltools.optimize.coreml as cto
 
+    given = _given(mlmodel, c, exact) if exact else {}
+    if given:
+        mlmodel = _write_given(mlmodel, given)
     linear, lut = {}, {}
     for name in weight_names(mlmodel):
         r = role(name)
         fmt = getattr(c, r) if r else "fp16"
         cfg = op_config(fmt, c)
-        if cfg is not None:
+        if cfg is not None and not name.startswith(tuple(given)):  # nor their int data
             (lut if fmt.startswith("lut") else linear)[name] = cfg
     if linear:
         mlmodel = cto.linear_quantize_weights(

@@ -23,7 +23,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import model as student_model
 from .config import ConfigError
 from .files import atomic_dir, recover
-from .quant import fake_quantized, record
+from .finetune import fused
+from . import quant
 
 RUN_FILES = ("metrics.jsonl", "loss.png")  # kept across model-folder replacements
 
@@ -36,16 +37,23 @@ def trainer_dir(out) -> Path:
 def save(out, model, config, tokenizer, optimizer, step, settings: dict, qat=None):
     """Write both folders. With `qat` (a QAT step) the model folder gets the fake-quantized
     weights, exactly on the grid the exporter uses, and records `student.qat`; the trainer
-    folder always keeps the fp32 masters."""
+    folder always keeps the fp32 masters. Both get qat_scales.safetensors (quant.scales): the
+    scales the exporter uses, and what a resume restores. Under LoRA / DoRA the trainer folder holds only the
+    trainable (adapter) weights and the model folder the fused model (finetune.fused)."""
     with atomic_dir(trainer_dir(out)) as tmp:
-        mx.save_safetensors(str(tmp / "weights.safetensors"), dict(tree_flatten(model.parameters())))
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(tmp / "weights.safetensors"), trainable)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         state = {"step": step, "config": dataclasses.asdict(config), "settings": settings}
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        extra = {}
+        if qat:
+            extra[quant.SIDECAR] = quant.scales(model, qat)
+            mx.save_safetensors(str(tmp / quant.SIDECAR), extra[quant.SIDECAR])
     if qat:
-        config = dataclasses.replace(config, qat=record(qat))
-    with fake_quantized(model, qat):
-        student_model.save(out, model, config, tokenizer, keep=RUN_FILES)
+        config = dataclasses.replace(config, qat=quant.record(qat))
+    with quant.fake_quantized(model, qat, bare=True), fused(model):
+        student_model.save(out, model, config, tokenizer, keep=RUN_FILES, extra=extra)
 
 
 def load(out, model, optimizer, config) -> dict:
@@ -60,7 +68,14 @@ def load(out, model, optimizer, config) -> dict:
     state = json.loads((path / "state.json").read_text())
     if state["config"] != dataclasses.asdict(config):
         raise ConfigError(f"{path}: the checkpoint was trained with another model config")
-    model.load_weights(str(path / "weights.safetensors"))
+    weights = mx.load(str(path / "weights.safetensors"))
+    if (path / quant.SIDECAR).exists():  # a QAT run: its learned and frozen scales
+        qat = quant.qat_settings(state["settings"]["qat"])
+        quant.restore(model, qat, {**mx.load(str(path / quant.SIDECAR)), **weights})
+    if set(weights) != {k for k, _ in tree_flatten(model.trainable_parameters())}:
+        raise ConfigError(f"{path}: the checkpoint's trainable weights differ from the run's "
+                          "(another fine_tune_type, num_layers or lora_parameters?)")
+    model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     mx.eval(model.parameters(), optimizer.state)
     return state

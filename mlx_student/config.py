@@ -212,12 +212,14 @@ def load_yaml(path) -> tuple:
     return data, lines
 
 
-def load_config(path) -> StudentConfig:
-    """Read and validate the `model:` section of a YAML config file."""
+def load_config(path, base: Optional[dict] = None) -> StudentConfig:
+    """Read and validate the `model:` section of a YAML config file. `base` (the fields of
+    a model a run starts from, mlx_student.finetune.base_config) fills what `model:` omits."""
     data, lines = load_yaml(path)
-    if "model" not in data:
+    if "model" not in data and base is None:
         raise ConfigError(f"{path}: no `model:` section")
-    config, problems = validate(data["model"])
+    model = data.get("model") or {}
+    config, problems = validate({**base, **model} if base and isinstance(model, dict) else model)
     if problems:
         msgs = []
         for name, problem in problems:

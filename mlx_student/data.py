@@ -13,6 +13,16 @@ and every later record must have that format's keys:
   template of the earlier messages with the generation prompt. An optional ``"tools"``
   list goes to the chat template.
 * ``tools``: ``{"messages": [...], "tools": [...]}``, the same as ``chat``.
+
+  Process supervision: a ``chat`` or ``tools`` record with ``"spans"`` (the tool-use
+  traces of ``mlx_student.tools``) has EVERY assistant turn in the loss, and each span
+  ``{"type": "tool_name" | "arguments" | "integration", "byte_start", "byte_end",
+  "tok_start", "tok_end"}`` (end exclusive; bytes of the template's rendered text, tokens
+  of its tokenization, the minimal token range covering the bytes) gives its tokens the
+  run's ``process_weights[type]`` (default 1.0; where spans overlap the largest weight
+  wins; weight 0 takes the tokens out of the loss). Spans are checked against the
+  tokenization: in range, inside an assistant turn and exactly the minimal cover of their
+  bytes. Batches then carry ``"token_weights"``.
 * ``kd``: a teacher record, detected by ``"messages"`` together with ``"completion"``:
   ``{"messages": [prompt...], "completion": ..., "finish_reason": ...,
   "completion_ids": [...] (optional), "topk": [[[id, logprob], ...], ...] (optional)}``.
@@ -40,6 +50,7 @@ SPLITS = ("train", "valid", "test")
 PAD_TO = 32
 # Teacher logprobs may round to slightly above 0; larger values are not log-probabilities.
 MAX_LOGPROB = 1e-4
+SPAN_TYPES = ("tool_name", "arguments", "integration")
 REQUIRED_KEYS = {
     "text": ("text",),
     "completions": ("prompt", "completion"),
@@ -64,13 +75,16 @@ class Example:
     ``tokens[prompt_len:]`` are the loss tokens. ``topk_ids`` / ``topk_logprobs``
     ``(n, K)`` hold the teacher's top-k for tokens ``prompt_len .. prompt_len + n - 1``
     (the appended eos has none, so ``n <= len(tokens) - prompt_len``); lists shorter
-    than K are padded with id 0 and logprob ``-inf``.
+    than K are padded with id 0 and logprob ``-inf``. ``weights`` (records with process
+    spans) is the loss weight of each token as a target, 0 outside the loss; it replaces
+    ``prompt_len`` as the loss mask.
     """
 
     tokens: np.ndarray
     prompt_len: int
     topk_ids: Optional[np.ndarray] = None
     topk_logprobs: Optional[np.ndarray] = None
+    weights: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -175,6 +189,78 @@ def _common_prefix(a, b):
     return n
 
 
+def process_weights(weights=None):
+    """The full ``{span type: weight}`` map of ``weights`` (missing types weigh 1.0).
+    Raises ValueError on an unknown type or a negative or non-numeric weight."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(SPAN_TYPES))
+    if unknown:
+        raise ValueError(f"process_weights: unknown span type(s) {unknown}; known: {list(SPAN_TYPES)}")
+    for kind, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise ValueError(f"process_weights.{kind}: expected a number >= 0, got {w!r}")
+    return {kind: float(weights.get(kind, 1.0)) for kind in SPAN_TYPES}
+
+
+def _turn_mask(tokenizer, messages, tools, tokens):
+    """1.0 on the tokens of every assistant turn (with its end-of-turn tokens), else 0."""
+    mask = np.zeros(len(tokens), np.float32)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = _common_prefix(_template(tokenizer, messages[:i], tools, True), tokens) if i else 0
+            end = _common_prefix(_template(tokenizer, messages[: i + 1], tools, False), tokens)
+            mask[start:end] = 1
+    return mask
+
+
+def _token_bytes(tokenizer, messages, tools, tokens):
+    """``(n, 2)`` byte offsets (start, end) of each token in the template's rendered text."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception as e:  # jinja errors of every kind
+        raise _BadLine(f"field 'messages': the chat template failed: {e}") from e
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != list(tokens):
+        raise _BadLine("field 'spans': the rendered text does not re-tokenize to the template's "
+                       "tokens, so byte spans cannot be checked")
+    char_bytes = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])])
+    return char_bytes[np.array(encoded["offset_mapping"], np.int64).reshape(-1, 2)]
+
+
+def _span_weights(spans, offsets, mask, weights):
+    """Per-token loss weights: ``mask`` with each span's tokens set to its type's weight."""
+    _expect(spans, list, "spans", "a list of spans")
+    span_w = np.full(len(mask), -1.0, np.float32)
+    n_bytes = int(offsets[-1, 1]) if len(offsets) else 0
+    for i, span in enumerate(spans):
+        field = f"spans[{i}]"
+        _expect(span, dict, field, "an object")
+        missing = [k for k in ("type", "byte_start", "byte_end", "tok_start", "tok_end") if k not in span]
+        if missing:
+            raise _BadLine(f"field {field!r}: missing key(s) {missing}")
+        if span["type"] not in SPAN_TYPES:
+            raise _BadLine(f"field '{field}.type': expected one of {list(SPAN_TYPES)}, got {span['type']!r}")
+        bs, be, ts, te = (_expect(span[k], int, f"{field}.{k}", "an integer")
+                          for k in ("byte_start", "byte_end", "tok_start", "tok_end"))
+        if not 0 <= bs < be <= n_bytes:
+            raise _BadLine(f"field {field!r}: bytes {bs}..{be} are not a range inside the "
+                           f"rendered conversation ({n_bytes} bytes)")
+        if not 0 <= ts < te <= len(mask):
+            raise _BadLine(f"field {field!r}: tokens {ts}..{te} are not a range inside the "
+                           f"conversation's {len(mask)} tokens")
+        cover = np.flatnonzero((offsets[:, 1] > bs) & (offsets[:, 0] < be))
+        expected = (int(cover[0]), int(cover[-1]) + 1) if len(cover) else None
+        if (ts, te) != expected:
+            raise _BadLine(f"field {field!r}: tokens {ts}..{te} are not the minimal cover of "
+                           f"bytes {bs}..{be} (that is tokens {expected})")
+        if not mask[ts:te].all():
+            raise _BadLine(f"field {field!r}: tokens {ts}..{te} ({span['type']}) lie outside "
+                           "the assistant turns")
+        span_w[ts:te] = np.maximum(span_w[ts:te], weights[span["type"]])
+    return np.where(span_w >= 0, span_w, mask).astype(np.float32)
+
+
 def _topk(topk, n, source, vocab_size):
     """Validate ``topk`` (one list of [id, logprob] pairs per completion token)."""
     _expect(topk, list, "topk", "a list with one list per completion token")
@@ -210,10 +296,12 @@ def _tokenize_text(record, tokenizer, vocab_size):
     return doc
 
 
-def _tokenize(record, fmt, tokenizer, vocab_size):
-    """Return ``(tokens, prompt_len, topk)`` of a non-text record; topk is ragged or None."""
+def _tokenize(record, fmt, tokenizer, vocab_size, weights=None):
+    """Return ``(tokens, prompt_len, topk, token_weights)`` of a non-text record; topk is
+    ragged or None, token_weights (records with "spans") an array or None. ``weights``: the
+    span type weights (``process_weights``)."""
     eos = tokenizer.eos_token_id
-    topk = None
+    topk = token_weights = None
     if fmt == "completions":
         prompt = _expect(record["prompt"], str, "prompt", "a string")
         completion = _expect(record["completion"], str, "completion", "a string")
@@ -227,6 +315,11 @@ def _tokenize(record, fmt, tokenizer, vocab_size):
         # Templates that render earlier turns differently once the last one follows
         # (e.g. dropping reasoning) break the prefix: the loss then starts where they differ.
         prompt_len = _common_prefix(prompt, tokens)
+        if "spans" in record:
+            mask = _turn_mask(tokenizer, messages, tools, tokens)
+            offsets = _token_bytes(tokenizer, messages, tools, tokens)
+            token_weights = _span_weights(record["spans"], offsets, mask, weights or process_weights())
+            prompt_len = int(np.argmax(mask > 0))
     else:  # kd
         messages, tools = _messages(record, last_is_assistant=False)
         text = _expect(record["completion"], str, "completion", "a string")
@@ -252,7 +345,7 @@ def _tokenize(record, fmt, tokenizer, vocab_size):
         if finish == "stop" and (not completion or completion[-1] != eos):
             tokens.append(eos)
     _check_vocab(tokens, "messages" if "messages" in record else "prompt", vocab_size)
-    return tokens, prompt_len, topk
+    return tokens, prompt_len, topk, token_weights
 
 
 def _pack(stream, limit):
@@ -279,13 +372,14 @@ def _warn(message):
     print(f"[WARNING] {message}", file=sys.stderr)
 
 
-def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False):
+def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False, weights=None):
     """Load and tokenize one jsonl file (see the module docstring for the formats).
 
     Non-text examples longer than ``max_seq_length + 1`` tokens are truncated (counted
     in ``Split.truncated`` and reported on stderr); text is packed into chunks of that
     length. ``vocab_size`` is the model's: every token id must be below it. K of the
-    top-k arrays is the longest top-k list in the file.
+    top-k arrays is the longest top-k list in the file. ``weights``: the span type
+    weights of records with process spans (``process_weights``; default all 1.0).
     """
     path = Path(path)
     limit = max_seq_length + 1
@@ -314,7 +408,7 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
                 if fmt == "text":
                     stream += _tokenize_text(record, tokenizer, vocab_size)
                 else:
-                    records.append(_tokenize(record, fmt, tokenizer, vocab_size))
+                    records.append(_tokenize(record, fmt, tokenizer, vocab_size, weights))
             except _BadLine as e:
                 if not skip_bad_lines:
                     raise DataError(f"{path}:{lineno}: {e}") from None
@@ -331,14 +425,16 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
         examples = [Example(np.array(c, np.int32), 0) for c in _pack(stream, limit)]
         return Split(examples, fmt, skipped, 0, path)
 
-    k = max((len(row) for *_, topk in records if topk for row in topk[0]), default=0)
+    k = max((len(row) for _, _, topk, _ in records if topk for row in topk[0]), default=0)
     examples, truncated = [], 0
-    for tokens, prompt_len, topk in records:
+    for tokens, prompt_len, topk, token_weights in records:
         if len(tokens) > limit:
             truncated += 1
             tokens = tokens[:limit]
             prompt_len = min(prompt_len, limit)
         example = Example(np.array(tokens, np.int32), prompt_len)
+        if token_weights is not None:
+            example.weights = token_weights[:limit]
         if topk is not None:
             n = len(tokens) - prompt_len
             example.topk_ids, example.topk_logprobs = _pad_topk(topk[0][:n], topk[1][:n], max(k, 1))
@@ -351,10 +447,12 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
     return Split(examples, fmt, skipped, truncated, path)
 
 
-def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False):
+def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False,
+                 weights=None):
     """Load ``train.jsonl`` (required), ``valid.jsonl`` and ``test.jsonl`` of a folder.
 
-    Returns a dict from split name to ``Split`` holding the splits present.
+    Returns a dict from split name to ``Split`` holding the splits present. ``weights``:
+    the span type weights (``process_weights``) of records with process spans.
     """
     data_dir = Path(data_dir)
     if not (data_dir / "train.jsonl").is_file():
@@ -365,20 +463,22 @@ def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines
         )
     return {
         name: load_jsonl(
-            data_dir / f"{name}.jsonl", tokenizer, vocab_size, max_seq_length, skip_bad_lines
+            data_dir / f"{name}.jsonl", tokenizer, vocab_size, max_seq_length, skip_bad_lines,
+            weights,
         )
         for name in SPLITS
         if (data_dir / f"{name}.jsonl").is_file()
     }
 
 
-def _collate(batch, rows, max_seq_length, pad_id, k):
+def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False):
     lengths = [min(len(ex.tokens), max_seq_length + 1) for ex in batch]
     width = min(PAD_TO * -(-(max(lengths) - 1) // PAD_TO), max_seq_length)
     shape = (rows, width)
     inputs = np.full(shape, pad_id, np.int32)
     targets = np.full(shape, pad_id, np.int32)
     mask = np.zeros(shape, np.float32)
+    token_weights = np.zeros(shape, np.float32)
     if k is not None:
         kd_mask = np.zeros(shape, np.float32)
         topk_ids = np.zeros(shape + (k,), np.int32)
@@ -388,7 +488,12 @@ def _collate(batch, rows, max_seq_length, pad_id, k):
         inputs[j, :n] = ex.tokens[:n]
         targets[j, :n] = ex.tokens[1 : n + 1]
         start = max(ex.prompt_len - 1, 0)  # target index t + 1 >= prompt_len
-        mask[j, start:n] = 1
+        if ex.weights is None:
+            mask[j, start:n] = 1
+            token_weights[j, start:n] = 1
+        else:
+            token_weights[j, :n] = ex.weights[1 : n + 1]
+            mask[j, :n] = token_weights[j, :n] != 0
         if ex.topk_ids is not None:
             m = max(min(len(ex.topk_ids), n - start), 0)
             kk = ex.topk_ids.shape[1]
@@ -396,6 +501,8 @@ def _collate(batch, rows, max_seq_length, pad_id, k):
             topk_logprobs[j, start : start + m, :kk] = ex.topk_logprobs[:m]
             kd_mask[j, start : start + m] = np.isfinite(ex.topk_logprobs[:m]).any(axis=1)
     out = {"inputs": inputs, "targets": targets, "mask": mask}
+    if weighted:
+        out["token_weights"] = token_weights
     if k is not None:
         out.update(kd_mask=kd_mask, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     return {name: mx.array(a) for name, a in out.items()}
@@ -421,6 +528,8 @@ def iterate_batches(
     teacher top-k there are also ``"kd_mask"`` ``(B, L)`` float32 (1 where the target
     has teacher top-k), ``"topk_ids"`` ``(B, L, K)`` int32 and ``"topk_logprobs"``
     ``(B, L, K)`` float32 (padding: id 0, logprob ``-inf``), aligned with the targets.
+    If any example has process weights there is also ``"token_weights"`` ``(B, L)``
+    float32: each target's loss weight (the mask's 1 elsewhere, 0 outside the loss).
     L is the longest example less one rounded up to a multiple of 32, at most
     ``max_seq_length``; longer examples are truncated.
     """
@@ -432,13 +541,16 @@ def iterate_batches(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
+    weighted = any(ex.weights is not None for ex in examples)
     epoch, skip = divmod(start, len(batches))
     if epoch and not loop:
         return
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(len(batches))
         for b in order[skip:]:
-            yield _collate([examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k)
+            yield _collate(
+                [examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k, weighted
+            )
         if not loop:
             break
         epoch, skip = epoch + 1, 0

@@ -8,7 +8,8 @@ Sources (`sources:` in the config) are built-in prompt builders over local corpo
 hash order, duplicates (same messages) dropped. A prompt's split (train/valid/test) follows
 from its hash alone, so it never moves between splits.
 
-Teachers: `local` (any mlx-lm model in this process; exact top-k of the full distribution),
+Teachers: `local` (any mlx-lm model in this process; exact top-k of the full distribution;
+greedy prompts decoded `batch_size` at a time, scripts/bench_teacher.py gives the speed-up),
 `server` (mlx_lm.server started on loopback for `model`, used over HTTP, stopped at the end),
 `http` (any OpenAI-compatible endpoint at `base_url`). When the teacher's tokenizer is the
 student's, records carry `completion_ids` and per-token `topk` (top-k KD); otherwise only the
@@ -57,6 +58,7 @@ CONFIG_DEFAULTS = {
     "top_p": 1.0,
     "max_tokens": 128,
     "top_k": 32,
+    "batch_size": 16,
     "concurrency": 4,
     "timeout": 120.0,
     "max_retries": 6,
@@ -97,6 +99,8 @@ def build_parser():
     add("--max-tokens", "completion tokens at most", type=int)
     add("--top-k", "local: top-k stored per token; server/http: top_logprobs asked for "
         f"(mlx_lm.server gives at most {SERVER_MAX_TOP_LOGPROBS}); 0: none", type=int)
+    add("--batch-size", "local, greedy: prompts decoded together (mlx-lm BatchGenerator); "
+        "1 is one at a time. scripts/bench_teacher.py measures the speed-up", type=int)
     add("--concurrency", "server/http: requests in flight at most", type=int)
     add("--timeout", "server/http: seconds per request attempt", type=float)
     add("--max-retries", "server/http: retries of a request on 429, 5xx, timeouts and "
@@ -197,7 +201,7 @@ def make_teacher(args, stack):
         default_teacher.prepare()
     if args.teacher == "local":
         teacher = LocalTeacher(LocalTeacherArgs(args.model, args.top_k, args.temperature,
-                                                args.top_p, args.max_tokens))
+                                                args.top_p, args.max_tokens, args.batch_size))
         return teacher, teacher.tokenizer
     http = HTTPTeacherArgs(
         base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
@@ -211,6 +215,12 @@ def make_teacher(args, stack):
             args.model, Path(args.out) / "teacher_server.log", max_tokens=args.max_tokens))
         http.base_url, http.model, tokenizer_dir = server.url + "/v1", "default_model", args.model
     return HTTPTeacher(http), tokenizer_dir and load_tokenizer(Path(tokenizer_dir))
+
+
+def _run_local(teacher, jobs, handle):
+    """Complete every job with the in-process teacher, batched; each is handled as it ends."""
+    for i, completion in teacher.generate_many([job.messages for job in jobs]):
+        handle(jobs[i], completion, None)
 
 
 async def _run_jobs(teacher, jobs, concurrency, handle):
@@ -354,8 +364,10 @@ def run(args):
         write_json_atomic(manifest_path, manifest("running"))
         status = "interrupted"
         try:
-            asyncio.run(_run_jobs(teacher, todo, 1 if args.teacher == "local" else args.concurrency,
-                                  handle))
+            if args.teacher == "local":
+                _run_local(teacher, todo, handle)
+            else:
+                asyncio.run(_run_jobs(teacher, todo, args.concurrency, handle))
             missing = sum(j.id not in done for j in jobs)
             status = f"incomplete: {missing} missing, rerun to retry" if missing else "complete"
         finally:

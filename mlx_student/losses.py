@@ -3,7 +3,10 @@
 Every loss takes student ``logits`` of shape ``(B, L, V)`` and a ``mask`` of
 shape ``(B, L)`` (bool or float, nonzero = the position counts) and returns the
 mean per-token loss over the masked positions as a scalar ``float32`` array:
-``sum(loss * mask) / max(sum(mask), 1)``.
+``sum(loss * mask) / max(sum(mask), 1)``. Optional per-token ``weights`` ``(B, L)``
+(process supervision: tool names, arguments, integration spans) scale each token's
+loss, ``sum(loss * weights * mask) / max(sum(mask), 1)``: the normaliser stays the token
+count, so the gradient on a token scales exactly with its weight.
 
 Logits are upcast to ``float32`` and all log-probabilities come from
 ``mx.logsumexp``. Masked-out positions are removed with ``mx.where`` so that
@@ -31,8 +34,10 @@ _LOG_ZERO = -1e30
 _TAIL_FLOOR = 1e-12
 
 
-def _masked_mean(per_token, mask):
+def _masked_mean(per_token, mask, weights=None):
     mask = mask.astype(mx.float32)
+    if weights is not None:
+        per_token = per_token * weights.astype(mx.float32)
     total = mx.where(mask != 0, per_token * mask, 0.0).sum()
     return total / mx.maximum(mask.sum(), 1.0)
 
@@ -53,7 +58,7 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}.")
 
 
-def cross_entropy(logits, targets, mask):
+def cross_entropy(logits, targets, mask, weights=None):
     """Token-level cross-entropy ``-log q(target)``.
 
     Sequence-level KD (Kim & Rush, 2016) is this loss applied to text sampled
@@ -62,10 +67,10 @@ def cross_entropy(logits, targets, mask):
     logits = logits.astype(mx.float32)
     target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)
     per_token = mx.logsumexp(logits, axis=-1) - target_logits.squeeze(-1)
-    return _masked_mean(per_token, mask)
+    return _masked_mean(per_token, mask, weights)
 
 
-def forward_kl(logits, teacher_logits, mask, temperature=1.0):
+def forward_kl(logits, teacher_logits, mask, temperature=1.0, weights=None):
     """``T^2 * KL(p_teacher^T || p_student^T)`` (Hinton et al., 2015).
 
     Both distributions are softened by ``temperature``; the ``T^2`` factor keeps
@@ -74,18 +79,18 @@ def forward_kl(logits, teacher_logits, mask, temperature=1.0):
     _check_temperature(temperature)
     log_p = _log_softmax(teacher_logits, temperature)
     log_q = _log_softmax(logits, temperature)
-    return temperature**2 * _masked_mean(_kl(log_p, log_q), mask)
+    return temperature**2 * _masked_mean(_kl(log_p, log_q), mask, weights)
 
 
-def reverse_kl(logits, teacher_logits, mask, temperature=1.0):
+def reverse_kl(logits, teacher_logits, mask, temperature=1.0, weights=None):
     """``T^2 * KL(p_student^T || p_teacher^T)`` (mode-seeking)."""
     _check_temperature(temperature)
     log_p = _log_softmax(teacher_logits, temperature)
     log_q = _log_softmax(logits, temperature)
-    return temperature**2 * _masked_mean(_kl(log_q, log_p), mask)
+    return temperature**2 * _masked_mean(_kl(log_q, log_p), mask, weights)
 
 
-def jsd(logits, teacher_logits, mask, beta=0.5, temperature=1.0):
+def jsd(logits, teacher_logits, mask, beta=0.5, temperature=1.0, weights=None):
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024).
 
     With teacher ``P``, student ``Q`` and ``M = beta * P + (1 - beta) * Q``:
@@ -103,10 +108,10 @@ def jsd(logits, teacher_logits, mask, beta=0.5, temperature=1.0):
     log_q = _log_softmax(logits, temperature)
     log_m = mx.logaddexp(math.log(beta) + log_p, math.log(1 - beta) + log_q)
     per_token = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    return temperature**2 * _masked_mean(per_token, mask)
+    return temperature**2 * _masked_mean(per_token, mask, weights)
 
 
-def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket"):
+def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket", weights=None):
     """Sparse KD from the teacher's stored top-k log-probabilities.
 
     ``topk_ids`` (B, L, K) are vocabulary ids and ``topk_logprobs`` (B, L, K)
@@ -145,7 +150,7 @@ def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket
         log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
         log_q = s - mx.logsumexp(s, axis=-1, keepdims=True)
         kl = mx.where(valid, mx.exp(log_p) * (log_p - log_q), 0.0).sum(axis=-1)
-        return temperature**2 * _masked_mean(kl, mask)
+        return temperature**2 * _masked_mean(kl, mask, weights)
 
     # A log-probability is <= 0; the clamp also keeps exp() finite on garbage.
     log_p = mx.where(valid, mx.minimum(teacher_lp, 0.0), 0.0)
@@ -159,7 +164,7 @@ def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket
         q_tail = mx.maximum(-mx.expm1(log_q_top), _TAIL_FLOOR)
         log_p_tail = mx.log(mx.maximum(p_tail, _TAIL_FLOOR))
         per_token += mx.where(p_tail > 0, p_tail * (log_p_tail - mx.log(q_tail)), 0.0)
-    return _masked_mean(per_token, mask)
+    return _masked_mean(per_token, mask, weights)
 
 
 def _kd_mask(batch):
@@ -170,30 +175,32 @@ def _kd_mask(batch):
 LOSSES = {
     "ce": (
         ("targets", "mask"),
-        lambda logits, b, T, beta, tail: cross_entropy(logits, b["targets"], b["mask"]),
+        lambda logits, b, T, beta, tail: cross_entropy(
+            logits, b["targets"], b["mask"], b.get("token_weights")
+        ),
     ),
     "forward_kl": (
         ("teacher_logits", "mask"),
         lambda logits, b, T, beta, tail: forward_kl(
-            logits, b["teacher_logits"], _kd_mask(b), T
+            logits, b["teacher_logits"], _kd_mask(b), T, b.get("token_weights")
         ),
     ),
     "reverse_kl": (
         ("teacher_logits", "mask"),
         lambda logits, b, T, beta, tail: reverse_kl(
-            logits, b["teacher_logits"], _kd_mask(b), T
+            logits, b["teacher_logits"], _kd_mask(b), T, b.get("token_weights")
         ),
     ),
     "jsd": (
         ("teacher_logits", "mask"),
         lambda logits, b, T, beta, tail: jsd(
-            logits, b["teacher_logits"], _kd_mask(b), beta, T
+            logits, b["teacher_logits"], _kd_mask(b), beta, T, b.get("token_weights")
         ),
     ),
     "topk_kd": (
         ("topk_ids", "topk_logprobs", "mask"),
         lambda logits, b, T, beta, tail: topk_kd(
-            logits, b["topk_ids"], b["topk_logprobs"], _kd_mask(b), T, tail
+            logits, b["topk_ids"], b["topk_logprobs"], _kd_mask(b), T, tail, b.get("token_weights")
         ),
     ),
 }
@@ -206,7 +213,8 @@ def loss_mix(logits, batch, weights, temperature=1.0, beta=0.5, tail="bucket"):
     counts) and, as the chosen terms need them, ``"teacher_logits"``,
     ``"topk_ids"``, ``"topk_logprobs"`` and ``"kd_mask"`` (positions with a
     teacher signal; defaults to ``"mask"``). ``"ce"`` uses ``"mask"``, the KD
-    terms ``"kd_mask"``. Terms with weight 0 are skipped.
+    terms ``"kd_mask"``. An optional ``"token_weights"`` (per-token process weights)
+    scales every term's per-token loss. Terms with weight 0 are skipped.
 
     Returns ``(total, parts)`` where ``parts`` maps each computed term's name
     to its unweighted loss.

@@ -54,10 +54,11 @@ def num_parameters(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def save(path, model: nn.Module, config: StudentConfig, tokenizer, keep=()) -> Path:
+def save(path, model: nn.Module, config: StudentConfig, tokenizer, keep=(), extra=None) -> Path:
     """Write an mlx-lm model folder at `path`, atomically (a crash leaves the old one).
 
-    Files named in `keep` that the old folder has (e.g. a run's metrics) are carried over.
+    Files named in `keep` that the old folder has (e.g. a run's metrics) are carried over;
+    `extra` {file name: {name: array}} adds safetensors files (e.g. QAT scales).
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -66,6 +67,8 @@ def save(path, model: nn.Module, config: StudentConfig, tokenizer, keep=()) -> P
         mlx_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         save_config(mlx_config, tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
+        for name, arrays in (extra or {}).items():
+            mx.save_safetensors(str(tmp / name), arrays)
         for name in keep:
             if (path / name).exists():
                 shutil.copy2(path / name, tmp / name)

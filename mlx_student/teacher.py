@@ -51,6 +51,7 @@ class Completion:
     logprobs: Optional[list] = None
     completion_ids: Optional[list] = None
     topk: Optional[list] = None
+    tool_calls: Optional[list] = None  # the message's OpenAI tool_calls, when it made any
 
 
 @dataclass
@@ -126,6 +127,7 @@ def parse_response(data) -> Completion:
         finish_reason=choice.get("finish_reason"),
         usage=data.get("usage") or {},
         logprobs=positions,
+        tool_calls=message.get("tool_calls") or None,
     )
 
 
@@ -152,17 +154,23 @@ class HTTPTeacher:
         self.limiter = RateLimiter(args.rpm)
         self.retries = 0  # retried attempts, all requests together
 
-    def body(self, messages) -> dict:
+    def body(self, messages, tools=None, tool_choice=None) -> dict:
         a = self.args
         body = {"model": a.model, "messages": messages, "temperature": a.temperature,
                 "top_p": a.top_p, "max_tokens": a.max_tokens, "stream": False}
+        if tools:
+            body["tools"] = tools
+        if tool_choice is not None:
+            body["tool_choice"] = tool_choice
         if a.top_logprobs:
             body.update(logprobs=True, top_logprobs=a.top_logprobs)
         return body
 
-    async def complete(self, messages) -> Completion:
+    async def complete(self, messages, tools=None, tool_choice=None) -> Completion:
+        """One chat completion; `tools` / `tool_choice` are passed as OpenAI's (tool calls
+        come back in `Completion.tool_calls`)."""
         a = self.args
-        body = self.body(messages)
+        body = self.body(messages, tools, tool_choice)
         for attempt in range(a.max_retries + 1):
             wait = None
             await self.limiter.wait()

@@ -12,7 +12,11 @@ runs/<name>.trainer/ (what --resume needs) every --steps-per-save steps and at t
 bits=8,start_step=160) makes the steps after start_step quantization-aware (mlx_student.quant):
 from then on runs/<name>/ holds the fake-quantized weights, exactly on the int8 (or 4-bit)
 grid, and its config.json records `student.qat`, from which the exporter picks its
-compression; runs/<name>.trainer/ keeps the fp32 masters.
+compression, plus qat_scales.safetensors (the scales it takes); runs/<name>.trainer/ keeps the
+fp32 masters. More keys: `scales: lsq` (learned scales), `activations: 8` with `observer:
+minmax|ema` (W8A8 / W4A8 studies); see mlx_student/quant.py. QAT from a finished fp model:
+`--init-from runs/fp --teacher runs/fp --loss forward_kl=1 --qat bits=4,scales=lsq`
+(self-distillation: the fp model's logits are the target).
 """
 
 import argparse
@@ -23,14 +27,17 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import mlx.optimizers as optim
+from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import load_tokenizer
+import yaml
 from tqdm import tqdm
 
-from . import checkpoint, default_teacher
+from . import checkpoint, default_teacher, finetune
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
-from .data import DataError, load_dataset
+from .data import SPAN_TYPES, DataError, load_dataset, process_weights
 from .losses import LOSSES, TAILS
 from .quant import qat_settings
 from .trainer import DTYPES, TrainingArgs, schedule, train
@@ -46,6 +53,13 @@ CONFIG_DEFAULTS = {
     "min_lr_ratio": 0.1,
     "weight_decay": 0.01,
     "skip_bad_lines": False,
+    "process_weights": None,  # {tool_name, arguments, integration}: weights of process spans
+    "teacher": None,  # an mlx-lm folder in this process: its logits for forward_kl/reverse_kl/jsd
+    "init_from": None,  # an mlx-lm llama folder the student starts from (mlx_student.finetune)
+    "fine_tune_type": "full",  # full | lora | dora
+    "num_layers": -1,  # blocks (the last N) that get adapters; -1: all
+    "lora_parameters": dict(finetune.LORA_DEFAULTS),  # {rank, scale, dropout, keys}
+    "quantize_base": None,  # QLoRA: {bits: 4, group_size: 64}
 }
 
 
@@ -61,14 +75,26 @@ def loss_weights(text):
     return weights
 
 
+def process_weights_flag(text):
+    """'tool_name=2,arguments=2' -> {'tool_name': 2.0, 'arguments': 2.0} (checked in run)."""
+    try:
+        return {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected type=weight,... got {text!r}") from None
+
+
 def qat_flag(text):
     """'bits=4,group_size=32,start_step=160' -> the qat mapping (checked in run)."""
     try:
         pairs = dict(p.split("=") for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected key=value,... got {text!r}") from None
-    return {k.strip(): v.strip().lower() == "true" if k.strip() == "embeddings" else int(v)
-            for k, v in pairs.items()}
+    return {k.strip(): yaml_scalar(v) for k, v in pairs.items()}
+
+
+def yaml_scalar(text):
+    """'8' -> 8, '0.9' -> 0.9, 'true' -> True, 'lsq' -> 'lsq': as the YAML file would read it."""
+    return yaml.safe_load(text.strip())
 
 
 def build_parser():
@@ -99,7 +125,16 @@ def build_parser():
     add("--temperature", type=float, help="KD temperature (T^2-scaled)")
     add("--jsd-beta", type=float, help="beta of the generalized JSD")
     add("--topk-tail", choices=TAILS, help="top-k KD tail mode")
-    add("--qat", type=qat_flag, help="QAT after a step: bits=8,start_step=160 (group_size, embeddings)")
+    add("--process-weights", type=process_weights_flag,
+        help=f"loss weights of the process spans of tool traces ({', '.join(SPAN_TYPES)}), "
+        "e.g. tool_name=2,arguments=2,integration=1.5; unset types weigh 1")
+    add("--qat", type=qat_flag, help="QAT after a step: bits=8,start_step=160 (group_size, embeddings, scales=lsq, activations=8, observer, observer_batches, ema_decay)")
+    add("--teacher", help="mlx-lm folder whose logits the dense KD losses distil (same vocab), "
+        "e.g. the fp model for QAT by self-distillation")
+    add("--init-from", help="mlx-lm llama folder to start from (layers/widths cut to `model:`)")
+    add("--fine-tune-type", choices=finetune.FINE_TUNE_TYPES, help="full, or mlx-lm's LoRA / DoRA adapters")
+    add("--num-layers", type=int, help="adapters on the last N blocks (-1: all)")
+    add("--quantize-base", type=qat_flag, help="QLoRA base: bits=4,group_size=64")
     add("--steps-per-report", type=int, help="progress-bar refresh interval")
     add("--steps-per-eval", type=int, help="validate every N steps")
     add("--val-batches", type=int, help="validation batches, -1 for all")
@@ -111,7 +146,7 @@ def build_parser():
 def parse_args(argv=None):
     """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
-    apply_config(args, CONFIG_DEFAULTS, skip=("model",), what="run setting")
+    apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot"), what="run setting")
     return args
 
 
@@ -138,9 +173,11 @@ def plot_losses(history, path):
 
 
 def run(args):
-    config = load_config(args.config)
+    config = load_config(args.config, finetune.base_config(args.init_from) if args.init_from else None)
     try:
         args.qat = qat_settings(args.qat)
+        weights = process_weights(args.process_weights)
+        finetune.check_settings(args, config)
     except ValueError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     widths = (config.hidden_size, config.intermediate_size,
@@ -153,12 +190,13 @@ def run(args):
     if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
         default_teacher.prepare()
     tokenizer = load_tokenizer(Path(config.tokenizer))
-    splits = load_dataset(args.data, tokenizer, config.vocab_size, args.max_seq_length, args.skip_bad_lines)
+    splits = load_dataset(args.data, tokenizer, config.vocab_size, args.max_seq_length,
+                          args.skip_bad_lines, weights)
     targs = TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})
     rank = mx.distributed.init().rank()
 
     mx.random.seed(args.seed)
-    model = student_model.build(config, seed=args.seed)
+    model = finetune.build_student(config, args)
     sched = schedule(args.learning_rate, args.iters, args.warmup, args.min_lr_ratio)
     optimizer = optim.AdamW(learning_rate=sched, weight_decay=args.weight_decay)
     out = Path(args.out)
@@ -176,6 +214,8 @@ def run(args):
             f"{len(splits['train'].examples)} train sequences from {args.data}"
             + (f"; resuming at step {start}" if start else "")
         )
+        if args.fine_tune_type != "full":
+            print_trainable_parameters(model)
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
     bar = tqdm(total=args.iters, initial=start, desc="train", unit="step", disable=rank != 0)
 
@@ -192,7 +232,9 @@ def run(args):
         checkpoint.save(out, model, config, tokenizer, optimizer, step, settings, qat)
 
     valid = splits["valid"].examples if "valid" in splits else None
-    history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report, on_save)
+    teacher = mlx_lm.load(args.teacher)[0] if args.teacher else None
+    history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report,
+                    on_save, teacher)
     bar.close()
     if rank == 0:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]

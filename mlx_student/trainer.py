@@ -14,11 +14,13 @@ distillation:
   its top-k distribution when the data carry teacher top-k.
 * QAT (`qat`, mlx_student.quant) is a phase of the same run: the steps after
   `qat["start_step"]` train the fp32 masters through fake-quantized weights (straight-through
-  estimator), and validate the fake-quantized model.
+  estimator), and validate the fake-quantized model. When the phase starts, learned (LSQ)
+  scales are added as parameters and activation observers watch a few batches, then freeze.
 """
 
 import math
 import time
+from itertools import islice
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -33,6 +35,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 from .data import iterate_batches
 from .losses import loss_mix, topk_kd
 from .quant import fake_quantize, fake_quantized
+from .quant import prepare as prepare_qat
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -78,18 +81,23 @@ def qat_active(args, step) -> bool:
     return args.qat is not None and step > args.qat["start_step"]
 
 
-def make_loss(args, names, qat=None):
+def make_loss(args, names, qat=None, teacher=None):
     """loss_fn(model, batch, scales) -> (sum of loss[n] * scales[i] * part_n, parts).
     With `qat` the forward pass sees the fake-quantized weights (then cast to the compute
-    dtype); gradients reach the masters straight through."""
+    dtype); gradients reach the masters straight through. With a `teacher` model in this
+    process its logits are the batch's `teacher_logits` (the dense KD losses)."""
     dtype = DTYPES[args.compute_dtype]
     unit = {n: 1.0 for n in names}
 
     def loss_fn(model, batch, scales):
+        if teacher is not None:
+            batch = {**batch, "teacher_logits": mx.stop_gradient(teacher(batch["inputs"]))}
         if qat:
             model.update(fake_quantize(model.parameters(), qat))
         if dtype != mx.float32:
-            model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+            # floating weights only: a QLoRA base's packed integers stay as they are
+            model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating)
+                                  else p, model.parameters()))
         logits = model(batch["inputs"])
         _, parts = loss_mix(logits, batch, unit, args.temperature, args.jsd_beta, args.topk_tail)
         total = sum(args.loss[n] * scales[i] * parts[n] for i, n in enumerate(names))
@@ -98,10 +106,12 @@ def make_loss(args, names, qat=None):
     return loss_fn
 
 
-def evaluate(model, examples, args):
+def evaluate(model, examples, args, teacher=None):
     """Token-weighted means over the validation batches: each loss part, `ppl` from CE, and
     with teacher top-k: `top1_agree` (student argmax == teacher's top-1) and `kl_topk`
-    (KL from the teacher's top-k distribution, tail as one bucket)."""
+    (KL from the teacher's top-k distribution, tail as one bucket); a `teacher` model gives
+    the dense KD terms their `teacher_logits`. Process weights are not
+    applied: validation losses are plain per-token means, comparable across weightings."""
     sums, counts = {}, {}
 
     def add(name, value, n):
@@ -113,7 +123,10 @@ def evaluate(model, examples, args):
     for i, batch in enumerate(batches):
         if i == args.val_batches:
             break
+        batch.pop("token_weights", None)
         logits = model(batch["inputs"]).astype(mx.float32)
+        if teacher is not None:
+            batch["teacher_logits"] = teacher(batch["inputs"])
         _, parts = loss_mix(logits, batch, weights, args.temperature, args.jsd_beta, args.topk_tail)
         for name, value in parts.items():
             add(name, value.item(), _term_mask(name, batch).sum().item())
@@ -130,8 +143,10 @@ def evaluate(model, examples, args):
     return out
 
 
-def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=None, on_save=None):
-    """Run `args.iters` optimizer steps from `start_step`.
+def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=None, on_save=None,
+          teacher=None):
+    """Run `args.iters` optimizer steps from `start_step`; `teacher`: a model in this process
+    whose logits the dense KD losses (forward_kl, reverse_kl, jsd) distil.
 
     on_report(record) gets every step's metrics (rank 0 only); on_save(step) is called every
     `steps_per_save` steps and at the end (rank 0 only). Returns the list of records.
@@ -153,11 +168,11 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
     state = [model.state, optimizer.state, mx.random.state]
 
     def make_grad_step(qat):
-        value_and_grad = nn.value_and_grad(model, make_loss(args, names, qat))
+        value_and_grad = nn.value_and_grad(model, make_loss(args, names, qat, teacher))
 
         @partial(mx.compile, inputs=state, outputs=state)
         def grad_step(batch, scales, prev_grad):
-            params = model.trainable_parameters()
+            params = model.parameters()  # frozen (LoRA base) ones too: the cast is per step
             (_, parts), grad = value_and_grad(model, batch, scales)
             model.update(params)  # the fp32 masters, if the loss cast or quantized the model
             if prev_grad is not None:
@@ -166,13 +181,21 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
 
         return grad_step
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update(grad):
-        if size > 1:
-            grad = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grad)
-        grad, grad_norm = optim.clip_grad_norm(grad, args.grad_clip)
-        optimizer.update(model, grad)
-        return grad_norm
+    def make_update():  # again when QAT adds parameters (learned scales)
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(grad):
+            if size > 1:
+                grad = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grad)
+            grad, grad_norm = optim.clip_grad_norm(grad, args.grad_clip)
+            optimizer.update(model, grad)
+            return grad_norm
+
+        return update
+
+    def observed_batches():  # what the activation observers watch when QAT starts
+        n = args.qat["observer_batches"]
+        return islice(iterate_batches(train_set, args.batch_size, args.max_seq_length,
+                                      seed=args.seed, loop=True), n)
 
     batches = iterate_batches(
         train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True, start=start_step
@@ -181,7 +204,9 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
     for it in range(start_step + 1, args.iters + 1):
         if qat_active(args, it) != phase:  # a new phase: a new compiled step
             phase = qat_active(args, it)
-            grad_step = make_grad_step(args.qat if phase else None)
+            if phase and prepare_qat(model, args.qat, observed_batches):
+                optimizer.init(model.trainable_parameters())
+            grad_step, update = make_grad_step(args.qat if phase else None), make_update()
         # Every rank collates the same global batch, so each term's token count over the whole
         # step is known everywhere; this rank's micro-batches are its rows, `micro` at a time,
         # each weighing its per-token mean by its count / the step's count.
@@ -213,7 +238,7 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
             record["qat"] = phase
         if valid_set and (it % args.steps_per_eval == 0 or it == args.iters):
             with fake_quantized(model, args.qat if phase else None):
-                record["valid"] = evaluate(model, valid_set, args)
+                record["valid"] = evaluate(model, valid_set, args, teacher)
         if rank == 0:
             history.append(record)
             if on_report:

@@ -4,6 +4,7 @@ the reference MIL executor, are the QAT student's weights to fp16)."""
 
 import dataclasses
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -14,14 +15,15 @@ from conftest import ROOT, train_argv, write_jsonl
 from mlx.utils import tree_flatten
 
 from export import cli, mil_executor
-from export.compress import Compression, compress
+from export.compress import Compression, compress, exact_weights
 from export.convert import FunctionSpec, convert_function, save_multifunction
 from export.mirror import load_mirror
 from mlx_student import checkpoint, train
 from mlx_student import model as student_model
 from mlx_student.config import ConfigError, load_config
-from mlx_student.quant import (dequantize, fake_quant, fake_quantized, qat_settings, quantize,
-                               quantized_path)
+from mlx_student.quant import (SIDECAR, dequantize, fake_quant, fake_quantized, prepare,
+                               qat_settings, quantize, quantized_modules, quantized_path, record,
+                               scales)
 from mlx_student.trainer import TrainingArgs, make_loss
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -33,7 +35,7 @@ def np_quantize(w, bits, group):
     qmax = 2 ** (bits - 1) - 1
     g = w.shape[-1] if bits == 8 else group
     wg = w.astype(np.float64).reshape(*w.shape[:-1], -1, g)
-    scale = np.abs(wg).max(-1, keepdims=True) / qmax
+    scale = (np.abs(wg).max(-1, keepdims=True) / qmax).astype(np.float16).astype(np.float64)
     q = np.clip(np.round(wg / scale), -qmax, qmax)
     return q.reshape(w.shape), scale[..., 0], (q * scale).reshape(w.shape)
 
@@ -43,18 +45,18 @@ def test_known_values_and_numpy_reference():
                   [2.0, 1.1, -0.5, 0.125, -4.0, 0.0, 1.0, 3.0]], np.float32)
     q, s = quantize(mx.array(w), 8)
     np.testing.assert_array_equal(np.array(q)[0, :4], [76, -127, 32, 0])
-    np.testing.assert_allclose(np.array(s)[:, 0], [1 / 127, 4 / 127], rtol=1e-7)
+    np.testing.assert_array_equal(np.array(s)[:, 0], np.float16([1 / 127, 4 / 127]))  # fp16
     q, s = quantize(mx.array(w), 4, group_size=4)
     np.testing.assert_array_equal(np.array(q)[1], [7, 4, -2, 0, -7, 0, 2, 5])
-    np.testing.assert_allclose(np.array(s), [[1 / 7, 0.7 / 7], [2 / 7, 4 / 7]], rtol=1e-6)
+    np.testing.assert_array_equal(np.array(s), np.float16([[1 / 7, 0.7 / 7], [2 / 7, 4 / 7]]))
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((64, 128)) * 0.02).astype(np.float32)
     for bits, group in ((8, 32), (4, 32), (4, 64)):
         q, s = quantize(mx.array(w), bits, group)
         rq, rs, rdq = np_quantize(w, bits, group)
         np.testing.assert_array_equal(np.array(q), rq)
-        np.testing.assert_allclose(np.array(s), rs, rtol=1e-6)
-        np.testing.assert_allclose(np.array(dequantize(q, s, bits, group)), rdq, rtol=1e-6)
+        np.testing.assert_array_equal(np.array(s), rs)
+        np.testing.assert_array_equal(np.array(dequantize(q, s, bits, group)), rdq)
         np.testing.assert_array_equal(np.array(fake_quant(mx.array(w), bits, group)),
                                       np.array(dequantize(q, s, bits, group)))
 
@@ -75,11 +77,15 @@ def test_grid(bits, qmax):
 
 def test_settings_and_paths():
     assert qat_settings(None) is None
-    assert qat_settings({"bits": 4}) == {"bits": 4, "group_size": 32, "embeddings": False,
-                                         "start_step": 0}
+    assert qat_settings({"bits": 4}) == {
+        "bits": 4, "group_size": 32, "embeddings": False, "start_step": 0, "scales": "minmax",
+        "activations": 0, "observer": "minmax", "observer_batches": 8, "ema_decay": 0.9,
+        "scale_lr": 30.0}
     for bad, msg in (({"bits": 3}, "qat.bits"), ({"bitz": 8}, "unknown keys"),
                      ({"group_size": 0}, "qat.group_size"), ({"start_step": -1}, "start_step"),
-                     (8, "mapping")):
+                     ({"scales": "learned"}, "qat.scales: 'learned' is not one of minmax, lsq"),
+                     ({"activations": 4}, "qat.activations"), ({"ema_decay": 1.0}, "ema_decay"),
+                     ({"observer": "max"}, "qat.observer"), (8, "mapping")):
         with pytest.raises(ValueError, match=msg):
             qat_settings(bad)
     assert quantized_path("model.layers.1.mlp.down_proj.weight", False)
@@ -143,8 +149,11 @@ def test_qat_phase_and_saved_weights(qat_run):
     out, history = qat_run
     assert [h["qat"] for h in history] == [False, False, True, True]
     student = json.loads((out / "config.json").read_text())["student"]
-    assert student["qat"] == {"bits": 8, "group_size": 32, "embeddings": True}
+    assert student["qat"] == {"bits": 8, "group_size": 32, "embeddings": True,
+                              "scales": "minmax", "activations": 0}
     saved = mx.load(str(out / "model.safetensors"))
+    sidecar = mx.load(str(out / "qat_scales.safetensors"))
+    assert set(sidecar) == {k + "_scale" for k in saved if quantized_path(k, True)}
     masters = mx.load(str(checkpoint.trainer_dir(out) / "weights.safetensors"))
     for k, w in saved.items():
         assert w.dtype == mx.float32
@@ -153,6 +162,7 @@ def test_qat_phase_and_saved_weights(qat_run):
             continue
         q, s = quantize(masters[k], 8)
         assert mx.array_equal(w, dequantize(q, s)).item(), k  # exactly the QAT forward's
+        assert mx.array_equal(s, sidecar[k + "_scale"]).item(), k
         assert not mx.array_equal(w, masters[k]).item(), k
         assert (np.abs(np.array(quantize(w, 8)[0])).max(-1) == 127).all()
     # The trainer state keeps the run's config (qat is recorded only in the model folder).
@@ -187,6 +197,7 @@ def test_an_interrupted_qat_run_resumes_exactly(qat_run, tmp_path, monkeypatch):
     for k in b:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7,
                                    err_msg=k)
+    return tmp_path / "student"
 
 
 def test_qat_setting_from_the_config_file_and_its_errors(tmp_path):
@@ -215,13 +226,6 @@ def test_exporter_picks_the_qat_compression():
     assert args.compression_flags == ["weights", "block_size"]
 
 
-def fp16_ulps(a, b):
-    """Distance in fp16 ulps (at the larger magnitude) between fp16 roundings of a and b."""
-    a, b = np.float16(a).astype(np.float32), np.float16(b).astype(np.float32)
-    ulp = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
-    return np.abs(a - b) / ulp
-
-
 def mlx_name(mirror_name, layers):
     """The checkpoint's name of a mirror weight constant (the embedding: its chunk index)."""
     for i in range(layers):
@@ -233,12 +237,14 @@ def mlx_name(mirror_name, layers):
     return None
 
 
-def exported_weights(folder, tmp_path, compression):
+def exported_weights(folder, tmp_path, compression, qat=None):
     """{checkpoint weight name: (dequantized weight, integers)} read back from a saved
-    one-function package by the reference MIL executor (constexpr ops materialized at load)."""
+    one-function package by the reference MIL executor (constexpr ops materialized at load);
+    with `qat` the export takes the checkpoint's integers (export.compress.exact_weights)."""
     mirror = load_mirror(folder)
+    exact = exact_weights(folder, qat, mirror.offsets) if qat else None
     model = compress(convert_function(mirror, FunctionSpec("decode", "decode", 1, 128)),
-                     compression)
+                     compression, exact)
     pkg = save_multifunction({"decode": model}, tmp_path / "m.mlpackage", "decode")
     program = mil_executor.load(pkg, "decode")
     found, chunks = {}, {}
@@ -253,21 +259,16 @@ def exported_weights(folder, tmp_path, compression):
     return found
 
 
-def check_hand_off(exported, saved, bits, group, skip=()):
-    """The package's integers are the QAT integers exactly; its dequantized weights are the QAT
-    weights in fp16 within 2 ulps (coremltools re-derives the scale from the fp16 weights in
-    fp16 arithmetic: its scale is ours to fp16 rounding). Returns the ulp histogram."""
-    hist = np.zeros(3, int)
+def check_hand_off(exported, saved, sidecar, bits, group, skip=()):
+    """The package's integers are the QAT integers, and its dequantized weights the QAT
+    weights in fp16, bit for bit."""
     for k, (deq, ints) in exported.items():
         if k in skip:
             continue
         w = np.array(saved[k])
-        np.testing.assert_array_equal(ints, np.array(quantize(saved[k], bits, group)[0]),
-                                      err_msg=k)
-        d = fp16_ulps(deq, w)
-        assert d.max() <= 2, (k, d.max())
-        hist += np.bincount(d.astype(int).ravel(), minlength=3)
-    return hist
+        q, _ = quantize(saved[k], bits, group, sidecar[k + "_scale"].astype(mx.float32))
+        np.testing.assert_array_equal(ints, np.array(q), err_msg=k)
+        np.testing.assert_array_equal(deq.astype(np.float16), w.astype(np.float16), err_msg=k)
 
 
 def test_exact_hand_off_to_the_int8_export(qat_run, tmp_path):
@@ -276,26 +277,49 @@ def test_exact_hand_off_to_the_int8_export(qat_run, tmp_path):
     qat = json.loads((out / "config.json").read_text())["student"]["qat"]
     comp = Compression(**cli.qat_compression(dataclasses.asdict(Compression(weights="fp16")), qat))
     assert (comp.weights, comp.embedding) == ("int8", "int8")
-    exported = exported_weights(out, tmp_path, comp)
+    exported = exported_weights(out, tmp_path, comp, qat)
     assert len(exported) == 2 * 7 + 1
-    hist = check_hand_off(exported, mx.load(str(out / "model.safetensors")), 8, 32)
-    print(f"int8 hand-off: fp16 ulps 0/1/2: {hist / hist.sum()}")
+    check_hand_off(exported, mx.load(str(out / "model.safetensors")),
+                   mx.load(str(out / "qat_scales.safetensors")), 8, 32)
 
 
-def test_exact_hand_off_to_the_int4_export(tiny_config, tokenizer, tmp_path):
-    """Block-wise int4, block = the QAT group: the same integers, the same weights in fp16."""
-    qat = qat_settings({"bits": 4, "group_size": 32})
+def test_exact_hand_off_of_learned_scales_to_the_int4_export(tiny_config, tokenizer, tmp_path):
+    """Block-wise int4 with learned (LSQ) scales, some weights clipped: the package holds the
+    checkpoint's integers and fp16 scales, not coremltools' re-derived ones."""
+    qat = qat_settings({"bits": 4, "group_size": 32, "scales": "lsq"})
     model = student_model.build(tiny_config, seed=5)
-    config = dataclasses.replace(tiny_config, qat={"bits": 4, "group_size": 32,
-                                                   "embeddings": False})
-    with fake_quantized(model, qat):
-        folder = student_model.save(tmp_path / "s", model, config, tokenizer)
+    prepare(model, qat, lambda: [])
+    for _, m in quantized_modules(model, qat):
+        m.weight_log_scale += np.log(0.7) / qat["scale_lr"]  # as if learned: group ends clip
+    config = dataclasses.replace(tiny_config, qat=record(qat))
+    with fake_quantized(model, qat, bare=True):
+        folder = student_model.save(tmp_path / "s", model, config, tokenizer,
+                                    extra={SIDECAR: scales(model, qat)})
     comp = Compression(**cli.qat_compression(dataclasses.asdict(Compression()), config.qat))
     assert (comp.weights, comp.block_size, comp.embedding) == ("int4", 32, "int8")
-    exported = exported_weights(folder, tmp_path, comp)
-    hist = check_hand_off(exported, mx.load(str(folder / "model.safetensors")), 4, 32,
-                          skip=("model.embed_tokens.weight",))
-    print(f"int4 hand-off: fp16 ulps 0/1/2: {hist / hist.sum()}")
+    exported = exported_weights(folder, tmp_path, comp, config.qat)
+    saved = mx.load(str(folder / "model.safetensors"))
+    check_hand_off(exported, saved, mx.load(str(folder / SIDECAR)), 4, 32,
+                   skip=("model.embed_tokens.weight",))
+    ints = exported["model.layers.0.mlp.up_proj.weight"][1]
+    assert (np.abs(ints) == 7).mean() > 0.05  # clipped to the grid's end
+    # Without the checkpoint's scales coremltools re-derives them, and the weights move.
+    (tmp_path / "d").mkdir()
+    derived = exported_weights(folder, tmp_path / "d", comp)["model.layers.0.mlp.up_proj.weight"]
+    w = np.array(saved["model.layers.0.mlp.up_proj.weight"]).astype(np.float16)
+    assert not np.array_equal(derived[0].astype(np.float16), w)
+
+
+def test_an_off_grid_checkpoint_is_refused(qat_run, tmp_path):
+    out, _ = qat_run
+    folder = tmp_path / "edited"
+    shutil.copytree(out, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"] *= 1.001
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    qat = json.loads((folder / "config.json").read_text())["student"]["qat"]
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight is not on the grid"):
+        exact_weights(folder, qat, [0])
 
 
 def test_cli_exports_a_qat_checkpoint_in_its_format(qat_run, tmp_path):
@@ -308,4 +332,5 @@ def test_cli_exports_a_qat_checkpoint_in_its_format(qat_run, tmp_path):
                            "--embedding", "fp16"])
     comp = cli.run(args)["compression"]
     assert (comp["weights"], comp["embedding"]) == ("int8", "fp16")
-    assert comp["qat"] == {"bits": 8, "group_size": 32, "embeddings": True}
+    assert comp["qat"] == {"bits": 8, "group_size": 32, "embeddings": True, "scales": "minmax",
+                           "activations": 0}

@@ -55,3 +55,26 @@ def test_sampling_is_reproducible_per_prompt(teacher, monkeypatch):
     t = teacher
     messages = [{"role": "user", "content": "Tell me a word."}]
     assert t.generate(messages).completion_ids == t.generate(messages).completion_ids
+
+
+def test_batched_greedy_equals_one_at_a_time(teacher, monkeypatch):
+    """generate_many (mlx-lm BatchGenerator, left-padded rows) gives the unbatched greedy tokens
+    and top-k; a token may differ only where the unbatched top-2 are an fp32 tie."""
+    monkeypatch.setattr(teacher, "args", replace(teacher.args, max_tokens=8, batch_size=3))
+    convs = [[{"role": "user", "content": text}] for text in (
+        "Say hi.", "Write a Python function that reverses a list of numbers.",
+        "What does the json module do?", "Name a colour.", "def add(a, b):")]
+    one = [teacher.generate(m) for m in convs]
+    got = dict(teacher.generate_many(convs))
+    assert sorted(got) == list(range(len(convs)))
+    for a, b in zip(one, (got[i] for i in range(len(convs)))):
+        n = next((i for i, (x, y) in enumerate(zip(a.completion_ids, b.completion_ids)) if x != y),
+                 None)
+        if n is not None:  # a split: only at a near-tie of the unbatched distribution
+            assert a.topk[n][0][1] - a.topk[n][1][1] < 1e-3, (n, a.topk[n][:2])
+            continue
+        assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
+        assert a.text == b.text and a.usage == b.usage
+        for ra, rb in zip(a.topk, b.topk):
+            assert ra[0][0] == rb[0][0]
+            np.testing.assert_allclose([lp for _, lp in ra], [lp for _, lp in rb], atol=1e-3)

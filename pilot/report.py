@@ -1,0 +1,298 @@
+"""The pilot's report: runs/<name>/report.md and report.html (plots inline as base64 PNG).
+
+Every number is read from a stage's output file, and the report names the file: the KD
+manifest, the students' metrics.jsonl, eval.json, the export manifests, the probe reports and
+exit.json, bench.json and tool_calls.json. The document is built once as a list of blocks
+(heading, text, table, image) and rendered to Markdown (images as files under report_files/)
+and to self-contained HTML.
+"""
+
+import base64
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+from .run import kd_dir, package_dir, write_json
+
+GOAL_POINTS = 5.0  # top-k KD should beat the control by this many points of top-1 agreement
+
+
+def _read(path):
+    return json.loads(Path(path).read_text())
+
+
+def _f(x, spec=".4g"):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return format(x, spec) if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def _pct(x):
+    return f"{100 * x:.1f} %"
+
+
+def _mb(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+class Doc:
+    def __init__(self):
+        self.blocks = []
+        self.gates = []  # [gate, measured, result, source file]
+
+    def h(self, level, text):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text):
+        self.blocks.append(("p", text))
+
+    def table(self, header, rows):
+        self.blocks.append(("table", header, [[str(c) for c in r] for r in rows]))
+
+    def image(self, path, alt):
+        self.blocks.append(("img", Path(path), alt))
+
+    def markdown(self, base: Path) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append("\n".join(["| " + " | ".join(b[1]) + " |",
+                                      "|" + "---|" * len(b[1])]
+                                     + ["| " + " | ".join(r) + " |" for r in b[2]]))
+            else:
+                out.append(f"![{b[2]}]({b[1].relative_to(base)})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        def inline(text):
+            text = html.escape(text)
+            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+            return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+               "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto;"
+               "padding:1em}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid "
+               "#ccc;padding:3px 8px;text-align:left}th{background:#eee}img{max-width:100%}"
+               "</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{inline(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{inline(b[1])}</p>")
+            elif b[0] == "table":
+                out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in b[1])
+                           + "</tr>" + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r)
+                                               + "</tr>" for r in b[2]) + "</table>")
+            else:
+                data = base64.b64encode(b[1].read_bytes()).decode()
+                out.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>"
+                           "</p>")
+        return "\n".join(out + ["</body></html>"]) + "\n"
+
+
+def _metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: dict, path: Path):
+    """Train loss (each student's own objective) and validation top-1 agreement / KL to the
+    teacher's top-k, KD vs control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, rows in runs.items():
+        axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1,
+                     label=f"{name} (train, own loss)")
+        valid = [r for r in rows if "valid" in r]
+        for ax, key in zip(axes[1:], ("top1_agree", "kl_topk")):
+            ax.plot([r["step"] for r in valid], [r["valid"].get(key, math.nan) for r in valid],
+                    "o-", label=f"{name} (valid)")
+    for ax, title in zip(axes, ("training loss", "valid: top-1 agreement with the teacher",
+                                "valid: KL(teacher top-k || student)")):
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build(run_dir: Path, s: dict) -> Doc:
+    d = Doc()
+    kd_data = kd_dir(s)
+    log = _read(run_dir / "pilot_log.json")
+    manifest = _read(kd_data / "manifest.json")
+    ev = _read(run_dir / "eval.json")
+    kd_cfg = _read(run_dir / "kd" / "config.json")
+    d.h(1, f"KD pilot `{s['name']}`")
+    d.p(f"Config `{s['config']}`; stages and seconds from `{run_dir / 'pilot_log.json'}` "
+        f"(skipped = up to date from an earlier run): " + ", ".join(
+            f"{st['stage']} {st['seconds']:.0f} s{' (skipped)' if st['skipped'] else ''}"
+            for st in log["stages"]) + f"; total this run {log['seconds']:.0f} s.")
+
+    # ---- config and sizes
+    d.h(2, "Student and run settings")
+    fmts = s["export"]["formats"]
+    params = _read(package_dir(run_dir, fmts[0]) / "export_manifest.json")["parameters"]
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size")
+    d.table(["field", "value"], [["parameters", f"{params:,}"]]
+            + [[k, kd_cfg[k]] for k in keys if k in kd_cfg]
+            + [["train (both students)", json.dumps(s["train"])],
+               ["KD student loss", json.dumps(s["kd_loss"])],
+               ["control student loss", json.dumps(s["control_loss"])]])
+
+    # ---- teacher and data
+    d.h(2, "Teacher and KD data")
+    recs = [json.loads(line) for split in ("train", "valid", "test")
+            for line in (kd_data / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    comp = [r["usage"]["completion_tokens"] for r in recs]
+    prompt = [r["usage"]["prompt_tokens"] for r in recs]
+    last = manifest["last_run"]
+    counts = {sp: sum(c.values()) for sp, c in manifest["counts"].items()}
+    d.table(["item", "value", "source"], [
+        ["teacher", f"{manifest['teacher']['model']} ({manifest['teacher']['kind']}), "
+                    f"sampling {json.dumps(manifest['teacher']['sampling'])}", "manifest.json"],
+        ["records (train / valid / test)", f"{manifest['records']} ({counts['train']} / "
+                                          f"{counts['valid']} / {counts['test']})", "manifest.json"],
+        ["records with top-k", manifest["records_with_topk"], "manifest.json"],
+        ["KD mode", f"{manifest['kd']}: {manifest['kd_note']}", "manifest.json"],
+        ["prompt tokens (mean)", _f(sum(prompt) / len(prompt), ".1f"), "*.jsonl usage"],
+        ["completion tokens (mean / total)", f"{sum(comp) / len(comp):.1f} / {sum(comp)}",
+         "*.jsonl usage"],
+        ["finished by EOS", _pct(sum(r["finish_reason"] == "stop" for r in recs) / len(recs)),
+         "*.jsonl finish_reason"],
+        ["teacher rate, last kd_mix run", f"{last['records_per_s']:.3f} records/s, "
+                                          f"{last['tokens_per_s']:.1f} tokens/s ({last['written']} "
+                                          f"records in {last['elapsed_s']:.0f} s)", "manifest.json"],
+    ])
+    by_source = {}
+    for c in manifest["counts"].values():
+        for src, n in c.items():
+            by_source[src] = by_source.get(src, 0) + n
+    d.p("Records per prompt source: " + ", ".join(f"{k} {v}" for k, v in sorted(by_source.items()))
+        + f" (`{kd_data / 'manifest.json'}`).")
+
+    # ---- KD evidence
+    d.h(2, "KD evidence: top-k KD vs the sequence-level control")
+    m = ev["models"]
+    kd, ctl = m["kd"], m["control"]
+    diff = ev["kd_minus_control_top1_points"]
+    rows = []
+    for label, key, fmt in (("teacher top-1 agreement (KD test split)", "top1_agree", _pct),
+                            ("KL from the teacher's top-k to the student, KD test split", "kl_topk", _f),
+                            ("CE on the teacher's text, KD test split", "ce", _f),
+                            ("perplexity of the teacher's text, KD test split", "ppl", _f)):
+        rows.append([label, fmt(kd["kd_test"][key]), fmt(ctl["kd_test"][key]), "-"])
+    rows.append([f"perplexity on held-out real text ({kd['heldout']['sequences']} x "
+                 f"{kd['heldout']['tokens_per_sequence']} tokens)",
+                 _f(kd["heldout"]["ppl"]), _f(ctl["heldout"]["ppl"]), _f(m["teacher"]["heldout"]["ppl"])])
+    d.table(["metric", "top-k KD student", "control (CE on teacher text)", "teacher"], rows)
+    met = diff >= GOAL_POINTS
+    d.p(f"Both students: same records, steps, batch, learning rate and seed; the KD test split "
+        f"holds {kd['kd_test']['records']} records no student trained on; the held-out text is "
+        f"`{ev['heldout']}` ({ev['heldout_from']}). "
+        f"Top-1 agreement: KD minus control = **{diff:+.2f} points**; the goal (>= "
+        f"{GOAL_POINTS:g} points) is **{'met' if met else 'NOT met'}** in this run "
+        f"(`{run_dir / 'eval.json'}`)." + ("" if met else " This is a measurement, not a demo: "
+                                           "with this data, steps and model size the top-k "
+                                           "signal did not add that much over the teacher's text."))
+    curves = run_dir / "report_files" / "loss_curves.png"
+    plot_curves({w: _metrics(run_dir / w / "metrics.jsonl") for w in ("kd", "control")}, curves)
+    d.image(curves, "loss curves: KD vs control")
+
+    # ---- export, parity, headroom
+    d.h(2, "Export and parity")
+    rows, gates = [], []
+    for fmt in fmts:
+        pdir = package_dir(run_dir, fmt)
+        em = _read(pdir / "export_manifest.json")
+        rows.append([fmt, _mb(em["package_bytes"]), f"{em['bytes_per_param']:.3f}",
+                     ", ".join(f["name"] for f in em["functions"]),
+                     f"{em['timings_s']['total']:.0f} s"])
+    d.table(["weights", "package", "bytes / parameter", "functions", "export time"], rows)
+    for fmt in fmts:
+        pdir = package_dir(run_dir, fmt) / "probe"
+        ex = _read(pdir / "exit.json")
+        if ex["exit"] == 2:
+            d.p(f"Probe of the {fmt} package could not run: {ex['error']}")
+            gates.append([f"probe parity ({fmt})", "exit 2", "FAIL", str(pdir / "exit.json")])
+            continue
+        pr = _read(pdir / "probe_report.json")
+        e2e = pr["end_to_end"]["coreml_vs_mlx"]
+        cm = pr["taps"]["coreml_vs_mlx"]
+        worst = max(cm, key=lambda k: float(cm[k]["rel_err"])) if cm else "-"
+        d.h(3, f"{fmt} package vs MLX ({pr['backends']['coreml_backend']})")
+        d.p(f"{pr['text']['windows']} windows x (prefill {pr['text']['prefill_length']} + "
+            f"{pr['text']['decode_steps']} decode steps) at context {pr['text']['context']}: "
+            f"top-1 {_pct(e2e['top1'])}, mean KL {_f(e2e['kl_mean'], '.2e')}; worst tap {worst} "
+            f"rel err {_f(cm[worst]['rel_err'], '.2e') if cm else '-'} "
+            f"(`{pdir / 'probe_report.json'}`); the probe exited {ex['exit']}.")
+        for g in pr["gates"]:
+            gates.append([f"probe {g['gate']} ({fmt})", f"{_f(g['value'])} {g['op']} "
+                          f"{_f(g['threshold'])}", "pass" if g["ok"] else "FAIL",
+                          f"{pdir / 'probe_report.json'}"])
+        gates.append([f"probe exit ({fmt})", f"exit {ex['exit']}",
+                      "pass" if ex["exit"] == 0 else "FAIL", str(pdir / "exit.json")])
+        d.image(pdir / "probe_layers.png", f"parity per layer, {fmt}")
+        if fmt == fmts[0]:
+            head = {**pr["headroom"], **pr.get("fp16_audit", {})}
+            order = sorted(head, key=lambda k: float(head[k]["fp16_headroom"]))[:10]
+            d.p(f"fp16 headroom (65504 / max abs value in fp32 MLX; `mirror.*`: the export's "
+                f"audit taps), the 10 tightest of {len(head)} taps:")
+            d.table(["tap", "max abs value", "headroom"],
+                    [[k, _f(head[k]["max_abs"]), _f(head[k]["fp16_headroom"], ".3g")] for k in order])
+
+    # ---- bench
+    d.h(2, "Bench")
+    b = _read(run_dir / "bench" / "bench.json")
+    rf = b["roofline"]
+    rows = [["MLX load cold / warm", f"{b['load_s']['cold']:.2f} s / {b['load_s']['warm']:.2f} s"]]
+    rows += [[f"MLX TTFT, prompt {k}", f"{v * 1e3:.1f} ms"] for k, v in b["ttft_s"].items()]
+    rows += [["MLX decode, ours / mlx_lm.generate", f"{b['decode_tps']['ours']:.1f} / "
+              f"{b['decode_tps']['mlx_lm']:.1f} tokens/s ({b['ratio_vs_mlx_lm_median']:.2f}x)"],
+             ["roofline (measured bandwidth)", f"{rf['bandwidth_gbps_measured']:.1f} GB/s, "
+              f"ceiling {rf['ceiling_tps']:.1f} tokens/s, achieved {rf['achieved_pct']:.0f} %"],
+             ["constrained decoding overhead", f"{b['constrained']['overhead_pct']:+.1f} % "
+              f"({b['constrained']['grammar_ms_per_token']:.3f} ms grammar work per token)"],
+             ["peak memory", f"{b['peak_memory_gb'] * 1e3:.0f} MB"]]
+    rows += [[f"CoreML {fmt} package: TTFT, decode tokens/s, ANE residency", "needs macOS"]
+             for fmt in fmts]
+    d.table(["measurement", f"value ({b['platform']}, {b['device']})"], rows)
+    d.p(f"From `{run_dir / 'bench' / 'bench.json'}`.")
+
+    # ---- gates
+    d.h(2, "Acceptance gates")
+    tc = _read(run_dir / "tool_calls.json")
+    gates.append(["constrained tool calls are valid JSON matching the schema",
+                  f"{tc['valid']}/{tc['n']}", "pass" if tc["valid"] == tc["n"] else "FAIL",
+                  str(run_dir / "tool_calls.json")])
+    gates.append([f"top-k KD beats the control by >= {GOAL_POINTS:g} points of top-1 agreement",
+                  f"{diff:+.2f} points", "pass" if met else "FAIL", str(run_dir / "eval.json")])
+    gates += [[f"CoreML {fmt} decode speed on the ANE", "-", "needs macOS", "-"] for fmt in fmts]
+    d.table(["gate", "measured", "result", "from"], gates)
+    d.gates = gates
+    return d
+
+
+def write(run_dir, settings) -> dict:
+    """Write report.md, report.html (and report_files/); returns their paths."""
+    run_dir = Path(run_dir)
+    doc = build(run_dir, settings)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    for path, text in ((md, doc.markdown(run_dir)), (page, doc.html(f"KD pilot {settings['name']}"))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    write_json(run_dir / "report_files" / "gates.json", doc.gates)
+    return {"md": md, "html": page}

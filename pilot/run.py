@@ -1,0 +1,451 @@
+"""The KD pilot end to end: default teacher -> KD mix -> top-k KD student and a CE control ->
+held-out evaluation -> fp16/int8 CoreML packages -> parity probes -> bench -> report.
+
+    mlx_student.pilot --config configs/pilot.yaml [--quick] [--force STAGE ...] [--name NAME]
+
+The config is a student config (`model:` and mlx_student.train's run settings, which both
+students share) with an optional `pilot:` block (PILOT_DEFAULTS; `quick:` inside it overrides
+the rest under --quick). Every stage calls the function its own CLI calls (mlx_student.kd_mix,
+mlx_student.train, mlx_student.export, mlx_student.probe, mlx_student.bench) and writes under
+runs/<name>/ (the KD data under data/kd_<name>/). After a stage succeeds it writes
+runs/<name>/stamps/<stage>.json holding a key: the hash of its settings and of its inputs'
+contents. A rerun skips every stage whose key is unchanged and whose outputs are there (and
+says so); --force STAGE (or all) redoes one. The control student sees the same records, steps
+and seed as the KD student but learns by CE on the teacher's text only (sequence-level KD), so
+the report's comparison isolates what the teacher's top-k adds.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from mlx_student import default_teacher
+from mlx_student.config import ConfigError, load_yaml
+from mlx_student.data import DataError
+
+STAGES = ("teacher", "kd_mix", "train_kd", "train_control", "eval", "export", "probe", "bench",
+          "tool_calls")
+DOCS = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
+PILOT_DEFAULTS = {
+    "name": "kd_pilot",  # runs/<name>/, data/kd_<name>/
+    "teacher": str(default_teacher.DEFAULT_TEACHER_DIR),
+    # mlx_student.kd_mix: `config` plus flags (keys as its flags, with _) over it
+    "kd_mix": {"config": "configs/kd_mix.yaml", "num_records": 1200, "max_tokens": 48,
+               "batch_size": 16, "test_fraction": 0.1},
+    # mlx_student.train flags over the config's run settings, for both students
+    "train": {"iters": 120, "batch_size": 8, "learning_rate": 1.0e-3, "steps_per_eval": 40},
+    "kd_loss": {"topk_kd": 1.0},
+    "control_loss": {"ce": 1.0},
+    # held-out evaluation: the KD test split, and real text never used for prompts or training
+    "eval": {"heldout": [str(DOCS / "tutorial"), str(DOCS / "faq")], "heldout_fallback":
+             "data/stdlib/test.jsonl", "max_seq_length": 256, "batch_size": 8, "batches": 24},
+    "export": {"config": "configs/export.yaml", "formats": ["fp16", "int8"], "contexts": [512],
+               "prefill_lengths": [64, 128]},
+    "probe": {"windows": 4, "decode_steps": 16},
+    "bench": {"prompt_lengths": [32, 128], "decode_tokens": 64, "reps": 2},
+    "tool_calls": {"n": 20, "max_tokens": 120, "temperature": 1.0},
+    # --quick: a few minutes on 2 cores (the CI test runs it on configs/tiny.yaml)
+    "quick": {"kd_mix": {"num_records": 32, "max_tokens": 12, "valid_fraction": 0.25,
+                         "test_fraction": 0.25},
+              "train": {"iters": 12, "batch_size": 4, "steps_per_eval": 6, "val_batches": 2,
+                        "max_seq_length": 256},
+              "eval": {"batch_size": 4, "batches": 2, "max_seq_length": 256},
+              "probe": {"windows": 1, "decode_steps": 4},
+              "bench": {"prompt_lengths": [16], "decode_tokens": 8, "reps": 1},
+              "tool_calls": {"n": 4}},
+}
+
+
+class StageError(RuntimeError):
+    """A stage that failed; the message names the stage and why."""
+
+
+# ---------------------------------------------------------------- settings
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, recursively for mappings."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def settings_of(config_path, quick=False, name=None) -> dict:
+    """PILOT_DEFAULTS under the config's `pilot:` block (under its `quick:` with --quick)."""
+    data, lines = load_yaml(config_path)
+    block = data.get("pilot") or {}
+    unknown = [k for k in block if k not in PILOT_DEFAULTS]
+    if unknown:
+        raise ConfigError("\n".join(f"{config_path}:{lines.get(f'pilot.{k}', '?')}: pilot.{k}: "
+                                    "unknown pilot setting" for k in unknown))
+    s = merge(PILOT_DEFAULTS, block)
+    if quick:
+        s = merge(s, s["quick"])
+        s["name"] = f"{s['name']}_quick"
+    s.pop("quick")
+    s["name"] = name or s["name"]
+    s["config"] = str(config_path)
+    return s
+
+
+def flags(mapping: dict) -> list:
+    """{'num_records': 8, 'contexts': [512]} -> ['--num-records', '8', '--contexts', '512']"""
+    out = []
+    for k, v in mapping.items():
+        out.append(f"--{k.replace('_', '-')}")
+        out += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    return out
+
+
+# ---------------------------------------------------------------- stamps
+def tree_hash(path) -> str:
+    """sha256 over the relative names and contents of the files under `path` (or of a file)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    total = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        total.update(f"{f.relative_to(path) if f != path else f.name}:{h.hexdigest()}\n".encode())
+    return total.hexdigest()
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Pilot:
+    """Stage bookkeeping of one pilot run: keys, stamps, skips, a log of what ran."""
+
+    def __init__(self, settings: dict, force=()):
+        self.s = settings
+        self.dir = Path("runs") / settings["name"]
+        self.force = set(STAGES) if "all" in force else set(force)
+        self.log = []
+        self.resuming = False  # inside a stage: a killed earlier try with the same key
+
+    def stage(self, name, settings, inputs, outputs, fn):
+        """Run `fn()` unless the stamp of `name` has the same key and `outputs` exist.
+        `fn` returns a small JSON-able summary kept in the stamp."""
+        inputs = {str(p): tree_hash(p) for p in inputs}
+        key = hashlib.sha256(json.dumps({"settings": settings, "inputs": inputs},
+                                        sort_keys=True, default=str).encode()).hexdigest()
+        stamp_path = self.dir / "stamps" / f"{name}.json"
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+        if (name not in self.force and stamp and stamp["key"] == key
+                and all(Path(p).exists() for p in outputs)):
+            print(f"[pilot] {name}: up to date (key {key[:12]}), skipped", flush=True)
+            self.log.append({"stage": name, "skipped": True, "seconds": stamp["seconds"]})
+            return stamp["result"]
+        why = ("forced" if name in self.force else "no stamp" if not stamp
+               else "inputs or settings changed" if stamp["key"] != key else "outputs missing")
+        started = self.dir / "stamps" / f"{name}.started"
+        self.resuming = started.exists() and started.read_text() == key
+        print(f"[pilot] {name}: running ({why}{', resuming' if self.resuming else ''})",
+              flush=True)
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.write_text(key)
+        tic = time.perf_counter()
+        result = fn()
+        seconds = round(time.perf_counter() - tic, 1)
+        write_json(stamp_path, {"stage": name, "key": key, "settings": settings, "inputs": inputs,
+                                "outputs": {str(p): tree_hash(p) for p in outputs},
+                                "result": result, "seconds": seconds,
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        started.unlink()
+        print(f"[pilot] {name}: done in {seconds:.0f} s", flush=True)
+        self.log.append({"stage": name, "skipped": False, "seconds": seconds})
+        return result
+
+
+# ---------------------------------------------------------------- stages
+def stage_teacher(p: Pilot):
+    teacher = Path(p.s["teacher"])
+    inputs = [default_teacher.gguf_path()] if teacher == default_teacher.DEFAULT_TEACHER_DIR else []
+
+    def run():
+        if teacher == default_teacher.DEFAULT_TEACHER_DIR:
+            default_teacher.prepare(teacher)
+        if not default_teacher.is_prepared(teacher):
+            raise StageError(f"teacher: {teacher} is not an mlx-lm model folder")
+        return {"path": str(teacher), "files": sorted(f.name for f in teacher.iterdir())}
+
+    return p.stage("teacher", {"teacher": str(teacher)}, inputs, [teacher / "config.json"], run)
+
+
+def kd_dir(s: dict) -> Path:
+    """data/kd_<name>-<hash of the kd_mix settings but its size and batch>: another mix never
+    resumes into this one; a larger num_records adds to it."""
+    mix = {k: v for k, v in s["kd_mix"].items() if k not in ("num_records", "batch_size")}
+    tag = hashlib.sha256(json.dumps(mix, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(s["kd_mix"].get("out") or f"data/kd_{s['name']}-{tag}")
+
+
+def stage_kd_mix(p: Pilot):
+    from mlx_student import kd_mix
+
+    teacher, out = Path(p.s["teacher"]), kd_dir(p.s)
+    opts = {k: v for k, v in p.s["kd_mix"].items() if k not in ("config", "out")}
+    argv = ["--config", p.s["kd_mix"]["config"], "--teacher", "local", "--model", str(teacher),
+            "--student-tokenizer", str(teacher), "--out", str(out), *flags(opts)]
+
+    def run():
+        result = kd_mix.run(kd_mix.parse_args(argv))
+        if result["status"] != "complete":
+            raise StageError(f"kd_mix: {out}/manifest.json status {result['status']!r}")
+        return {"records": result["records"], "kd": result["kd"]}
+
+    settings = {"argv": argv, "kd_mix_config": Path(p.s["kd_mix"]["config"]).read_text()}
+    return p.stage("kd_mix", settings, [teacher / "model.safetensors"],
+                   [out / "manifest.json"], run)
+
+
+def student_dir(p: Pilot, which: str) -> Path:
+    return p.dir / which
+
+
+def stage_train(p: Pilot, which: str):
+    from mlx_student import checkpoint, train
+
+    loss = p.s["kd_loss"] if which == "kd" else p.s["control_loss"]
+    out, data = student_dir(p, which), kd_dir(p.s)
+    argv = ["--config", p.s["config"], "--data", str(data), "--out", str(out),
+            "--loss", ",".join(f"{k}={v}" for k, v in loss.items()), *flags(p.s["train"])]
+    files = [data / f"{s}.jsonl" for s in ("train", "valid")]
+
+    def run():
+        resume = p.resuming and checkpoint.trainer_dir(out).exists()
+        history = train.run(train.parse_args(argv + ["--resume"] * resume))
+        last = history[-1] if history else {}
+        return {"steps": last.get("step"), "valid": last.get("valid")}
+
+    config = {k: v for k, v in load_yaml(p.s["config"])[0].items() if k != "pilot"}
+    settings = {"argv": argv, "config": config}  # not the pilot: block, which is not training's
+    return p.stage(f"train_{which}", settings, files, [out / "model.safetensors"], run)
+
+
+def heldout_file(p: Pilot) -> Path:
+    """(path, what it is): real text that no prompt and no training step saw, the Python docs
+    outside `library/` (the prompts' docs) as a text-format jsonl; else the fallback (the stdlib
+    corpus' test split)."""
+    e = p.s["eval"]
+    dirs = [Path(d) for d in e["heldout"] if Path(d).is_dir()]
+    if not dirs:
+        return Path(e["heldout_fallback"]), "the fallback: not found " + ", ".join(e["heldout"])
+    out = p.dir / "heldout" / "test.jsonl"
+    lines = [json.dumps({"text": f.read_text(encoding="utf-8", errors="replace")})
+             for d in dirs for f in sorted(d.rglob("*.txt"))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(line + "\n" for line in lines)
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
+    return out, "the .rst sources under " + ", ".join(map(str, dirs)) + ", which no prompt used"
+
+
+def stage_eval(p: Pilot):
+    """Both students (and the teacher's perplexity) on the KD test split and held-out text."""
+    test, (heldout, heldout_from) = kd_dir(p.s) / "test.jsonl", heldout_file(p)
+    students = {w: student_dir(p, w) for w in ("kd", "control")}
+    out = p.dir / "eval.json"
+
+    def run():
+        import mlx_lm
+        from mlx_student.data import load_jsonl
+        from mlx_student.trainer import TrainingArgs, evaluate
+
+        e = p.s["eval"]
+        result = {"kd_test": str(test), "heldout": str(heldout), "heldout_from": heldout_from,
+                  "models": {}}
+        for name, path in [*students.items(), ("teacher", Path(p.s["teacher"]))]:
+            model, tok = mlx_lm.load(str(path))
+            vocab = model.args.vocab_size
+            row = {"path": str(path)}
+            if name != "teacher":  # the teacher agrees with its own greedy top-1 by construction
+                kd = load_jsonl(test, tok, vocab, e["max_seq_length"])
+                args = TrainingArgs(batch_size=min(e["batch_size"], len(kd.examples)),
+                                    max_seq_length=e["max_seq_length"], val_batches=-1,
+                                    loss={"ce": 1.0})
+                row["kd_test"] = {**evaluate(model, kd.examples, args),
+                                  "records": len(kd.examples)}
+            text = load_jsonl(heldout, tok, vocab, e["max_seq_length"])
+            args = TrainingArgs(batch_size=e["batch_size"], max_seq_length=e["max_seq_length"],
+                                val_batches=e["batches"], loss={"ce": 1.0})
+            row["heldout"] = {**evaluate(model, text.examples, args), "sequences": min(
+                len(text.examples), e["batches"] * e["batch_size"]),
+                "tokens_per_sequence": e["max_seq_length"]}
+            result["models"][name] = row
+            print(f"[pilot] eval {name}: " + json.dumps(row, default=str), flush=True)
+        kd, ctl = result["models"]["kd"]["kd_test"], result["models"]["control"]["kd_test"]
+        result["kd_minus_control_top1_points"] = 100 * (kd["top1_agree"] - ctl["top1_agree"])
+        write_json(out, result)
+        return {"kd_minus_control_top1_points": result["kd_minus_control_top1_points"]}
+
+    inputs = [test, heldout, p.s["teacher"], *(d / "model.safetensors" for d in students.values())]
+    return p.stage("eval", p.s["eval"], inputs, [out], run)
+
+
+def package_dir(run_dir: Path, fmt: str) -> Path:
+    return Path(run_dir) / "export" / fmt
+
+
+def stage_export(p: Pilot):
+    from export import cli
+
+    x, model = p.s["export"], student_dir(p, "kd")
+    opts = {k: v for k, v in x.items() if k not in ("config", "formats") and v}
+
+    def run():
+        sizes = {}
+        for fmt in x["formats"]:
+            argv = ["--model", str(model), "--config", x["config"], "--out",
+                    str(package_dir(p.dir, fmt)), "--weights", fmt, "--embedding", fmt, *flags(opts)]
+            manifest = cli.run(cli.parse_args(argv))
+            sizes[fmt] = manifest["package_bytes"]
+        return {"package_bytes": sizes}
+
+    settings = {**x, "export_config": Path(x["config"]).read_text()}
+    outputs = [package_dir(p.dir, f) / "export_manifest.json" for f in x["formats"]]
+    return p.stage("export", settings, [model / "model.safetensors", model / "config.json"],
+                   outputs, run)
+
+
+def stage_probe(p: Pilot):
+    """The parity probe per package; its exit status (0 ok, 1 a gate failed, 2 could not run)
+    is recorded as mlx_student.probe would exit."""
+    from export import probe
+
+    model = student_dir(p, "kd")
+    pkgs = {f: package_dir(p.dir, f) for f in p.s["export"]["formats"]}
+
+    def run():
+        exits = {}
+        for fmt, d in pkgs.items():
+            argv = ["--model", str(model), "--package", str(d / "model.mlpackage"), "--out",
+                    str(d / "probe"), *flags(p.s["probe"])]
+            try:
+                report = probe.run(probe.parse_args(argv))
+                exits[fmt] = {"exit": 0 if report["ok"] else 1,
+                              "failed": [g["gate"] for g in report["gates"] if not g["ok"]]}
+            except (ConfigError, probe.ProbeError, probe.tp.TapMappingError, FileNotFoundError,
+                    ValueError, KeyError) as e:  # what mlx_student.probe exits 2 on
+                exits[fmt] = {"exit": 2, "error": f"{type(e).__name__}: {e}"}
+            write_json(d / "probe" / "exit.json", exits[fmt])
+        return exits
+
+    outputs = [d / "probe" / "exit.json" for d in pkgs.values()]
+    return p.stage("probe", p.s["probe"], [model, *pkgs.values()], outputs, run)
+
+
+def stage_bench(p: Pilot):
+    from runtime import bench
+
+    model, out = student_dir(p, "kd"), p.dir / "bench"
+
+    def run():
+        r = bench.main(["--model", str(model), "--out", str(out), *flags(p.s["bench"])])
+        return {"decode_tps": r["decode_tps"], "achieved_pct": r["roofline"]["achieved_pct"]}
+
+    return p.stage("bench", p.s["bench"], [model / "model.safetensors"], [out / "bench.json"], run)
+
+
+def stage_tool_calls(p: Pilot):
+    """Constrained tool calls from the KD student: every output must parse and match the schema."""
+    model, out = student_dir(p, "kd"), p.dir / "tool_calls.json"
+
+    def run():
+        import jsonschema
+        from runtime.bench import TOOL
+        from runtime.constrained import engine_vocab, json_schema_processor, tool_call_schema
+        from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
+
+        t = p.s["tool_calls"]
+        engine = MLXEngine.load(model)
+        schema = tool_call_schema([TOOL])
+        prompt = chat_prompt(engine.tokenizer, [{"role": "user", "content":
+                                                 "What is the weather in Lyon for 3 days?"}], [TOOL])
+        calls = []
+        for seed in range(t["n"]):
+            proc = json_schema_processor(engine.tokenizer, schema, engine_vocab(engine))
+            r = generate(engine, prompt, GenerationParams(
+                max_tokens=t["max_tokens"], temperature=t["temperature"], seed=seed),
+                logits_processors=[proc])
+            try:
+                jsonschema.validate(json.loads(r.text), schema)
+                error = None
+            except (ValueError, jsonschema.ValidationError) as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            calls.append({"seed": seed, "text": r.text, "finish_reason": r.finish_reason,
+                          "tokens": len(r.tokens), "valid": error is None, "error": error})
+        valid = sum(c["valid"] for c in calls)
+        write_json(out, {"schema": schema, "prompt_tokens": len(prompt), "settings": t,
+                         "valid": valid, "n": len(calls), "calls": calls})
+        return {"valid": valid, "n": len(calls)}
+
+    return p.stage("tool_calls", p.s["tool_calls"], [model / "model.safetensors"], [out], run)
+
+
+def run(settings: dict, force=()) -> Pilot:
+    from . import report
+
+    p = Pilot(settings, force)
+    p.dir.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    stage_teacher(p)
+    stage_kd_mix(p)
+    stage_train(p, "kd")
+    stage_train(p, "control")
+    stage_eval(p)
+    stage_export(p)
+    stage_probe(p)
+    stage_bench(p)
+    stage_tool_calls(p)
+    write_json(p.dir / "pilot_log.json", {"stages": p.log, "settings": settings,
+                                          "seconds": round(time.perf_counter() - tic, 1)})
+    files = report.write(p.dir, settings)
+    print(f"[pilot] report: {files['md']} and {files['html']}")
+    return p
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="mlx_student.pilot", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"stages: {', '.join(STAGES)}. pilot: defaults: {json.dumps(PILOT_DEFAULTS)}")
+    p.add_argument("--config", required=True, help="student config with an optional pilot: block")
+    p.add_argument("--quick", action="store_true", help="the pilot: block's quick: settings "
+                   "(a few minutes); runs under runs/<name>_quick")
+    p.add_argument("--name", help="run name: runs/<name>/ (default: the config's pilot.name)")
+    p.add_argument("--force", nargs="+", default=[], choices=[*STAGES, "all"],
+                   help="redo these stages even if their stamps are current")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        run(settings_of(args.config, args.quick, args.name), args.force)
+    except (ConfigError, DataError, StageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

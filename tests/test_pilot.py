@@ -1,0 +1,108 @@
+"""The KD pilot end to end (--quick, tiny student): every stage runs for real, the report's
+numbers come from the stage outputs, its gates from the probe's real exit, and a rerun skips
+every stage."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from pilot import run as pilot
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, teacher_dir):
+    """The quick pilot on configs/tiny.yaml, run from a temp folder (runs/, data/ there)."""
+    work = tmp_path_factory.mktemp("pilot")
+    config = work / "tiny.yaml"
+    config.write_text((ROOT / "configs/tiny.yaml").read_text().replace(
+        "models/smollm2", str(ROOT / "models/smollm2")) + f"""
+pilot:
+  name: t
+  teacher: {teacher_dir.resolve()}
+  kd_mix: {{config: {ROOT / 'configs/kd_mix.yaml'}}}
+  export: {{config: {ROOT / 'configs/export.yaml'}}}
+  eval: {{heldout_fallback: {ROOT / 'data/stdlib/test.jsonl'}}}
+  quick:
+    export: {{contexts: [128], prefill_lengths: [16]}}
+""")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        pilot.main(["--config", str(config), "--quick"])
+    return work, config, work / "runs" / "t_quick"
+
+
+def finite_numbers(obj):
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in finite_numbers(v)]
+    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def test_report_numbers_come_from_the_stage_outputs(quick_run):
+    work, _, run = quick_run
+    md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
+    ev = json.loads((run / "eval.json").read_text())
+    for who in ("kd", "control"):
+        row = ev["models"][who]
+        for key in ("top1_agree", "kl_topk", "ce", "ppl"):
+            assert math.isfinite(row["kd_test"][key]), (who, key)
+        assert math.isfinite(row["heldout"]["ppl"]) and row["heldout"]["ppl"] > 1
+        assert f"{100 * row['kd_test']['top1_agree']:.1f} %" in md
+        assert format(row["kd_test"]["kl_topk"], ".4g") in md
+    assert math.isfinite(ev["models"]["teacher"]["heldout"]["ppl"])
+    assert f"{ev['kd_minus_control_top1_points']:+.2f} points" in md
+    # every students' metrics and the KD data are the run's own
+    metrics = [json.loads(x) for x in (run / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 12 and all(math.isfinite(m["loss"]) for m in metrics)
+    kd = next((work / "data").glob("kd_t_quick-*"))
+    manifest = json.loads((kd / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["records_with_topk"] == manifest["records"]
+    assert f"{manifest['records']} (" in md
+    bench = json.loads((run / "bench" / "bench.json").read_text())
+    assert all(math.isfinite(x) for x in finite_numbers(bench["roofline"]) if x is not None)
+    assert f"achieved {bench['roofline']['achieved_pct']:.0f} %" in md
+    assert "needs macOS" in md
+    for fmt in ("fp16", "int8"):
+        em = json.loads((run / "export" / fmt / "export_manifest.json").read_text())
+        assert f"{em['bytes_per_param']:.3f}" in md
+    # plots: files beside the Markdown, inline PNGs in the HTML
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert len(images) >= 3 and all((run / i).stat().st_size > 1000 for i in images)
+    assert page.count("data:image/png;base64,iVBORw0KGgo") == len(images)
+
+
+def test_gates_reflect_the_probes_real_exit(quick_run):
+    work, _, run = quick_run
+    gates = json.loads((run / "report_files" / "gates.json").read_text())
+    pkg = run / "export" / "fp16"
+    recorded = json.loads((pkg / "probe" / "exit.json").read_text())["exit"]
+    real = subprocess.run(
+        [sys.executable, "-m", "export.probe", "--model", str(run / "kd"), "--package",
+         str(pkg / "model.mlpackage"), "--out", str(work / "reprobe"), "--windows", "1",
+         "--decode-steps", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert real.returncode == recorded, real.stderr
+    row = next(g for g in gates if g[0] == "probe exit (fp16)")
+    assert row[1] == f"exit {recorded}" and row[2] == ("pass" if recorded == 0 else "FAIL")
+    tc = json.loads((run / "tool_calls.json").read_text())
+    row = next(g for g in gates if g[0].startswith("constrained tool calls"))
+    assert row[1] == f"{tc['valid']}/{tc['n']}" and tc["n"] == 4
+    assert all(c["valid"] == (c["error"] is None) for c in tc["calls"])
+
+
+def test_rerun_skips_every_stage(quick_run, capsys):
+    work, config, run = quick_run
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        pilot.main(["--config", str(config), "--quick"])
+    out = capsys.readouterr().out
+    for stage in pilot.STAGES:
+        assert re.search(rf"\[pilot\] {stage}: up to date \(key \w+\), skipped", out), stage
+    log = json.loads((run / "pilot_log.json").read_text())
+    assert all(s["skipped"] for s in log["stages"])
