@@ -154,17 +154,18 @@ def build(run_dir: Path, s: dict) -> Doc:
 
     # ---- teacher and data
     d.h(2, "Teacher and KD data")
-    recs = [json.loads(line) for split in ("train", "valid", "test")
-            for line in (kd_data / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    splits = {sp: [json.loads(line) for line in (kd_data / f"{sp}.jsonl").read_text().splitlines()
+                   if line.strip()] for sp in ("train", "valid", "test")}
+    recs = [r for rows in splits.values() for r in rows]
     comp = [r["usage"]["completion_tokens"] for r in recs]
     prompt = [r["usage"]["prompt_tokens"] for r in recs]
     last = manifest["last_run"]
-    counts = {sp: sum(c.values()) for sp, c in manifest["counts"].items()}
     d.table(["item", "value", "source"], [
         ["teacher", f"{manifest['teacher']['model']} ({manifest['teacher']['kind']}), "
                     f"sampling {json.dumps(manifest['teacher']['sampling'])}", "manifest.json"],
-        ["records (train / valid / test)", f"{manifest['records']} ({counts['train']} / "
-                                          f"{counts['valid']} / {counts['test']})", "manifest.json"],
+        ["records (train / valid / test)", f"{len(recs)} ({len(splits['train'])} / "
+                                          f"{len(splits['valid'])} / {len(splits['test'])})",
+         "*.jsonl"],
         ["records with top-k", manifest["records_with_topk"], "manifest.json"],
         ["KD mode", f"{manifest['kd']}: {manifest['kd_note']}", "manifest.json"],
         ["prompt tokens (mean)", _f(sum(prompt) / len(prompt), ".1f"), "*.jsonl usage"],
@@ -177,11 +178,11 @@ def build(run_dir: Path, s: dict) -> Doc:
                                           f"records in {last['elapsed_s']:.0f} s)", "manifest.json"],
     ])
     by_source = {}
-    for c in manifest["counts"].values():
-        for src, n in c.items():
-            by_source[src] = by_source.get(src, 0) + n
+    for r in recs:
+        by_source[r["source"]] = by_source.get(r["source"], 0) + 1
     d.p("Records per prompt source: " + ", ".join(f"{k} {v}" for k, v in sorted(by_source.items()))
-        + f" (`{kd_data / 'manifest.json'}`).")
+        + f" (`{kd_data}/*.jsonl`; a folder grown by earlier runs of other sizes keeps their "
+        "records, and the students train on every record in it).")
 
     # ---- KD evidence
     d.h(2, "KD evidence: top-k KD vs the sequence-level control")

@@ -28,7 +28,7 @@ _TOKENIZERS = {}
 _SHIFTS = None
 
 
-def _ll_tokenizer(tokenizer, n_vocab: int):
+def ll_tokenizer(tokenizer, n_vocab: int):
     """llguidance's view of an mlx-lm TokenizerWrapper (about 1 s to build; cached)."""
     import llguidance.hf
 
@@ -130,7 +130,7 @@ def json_schema_processor(tokenizer, schema, n_vocab: Optional[int] = None) -> G
         schema = json.loads(schema)
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     n_vocab = n_vocab or len(hf)
-    return GrammarProcessor(_ll_tokenizer(tokenizer, n_vocab), compile_schema(schema), n_vocab)
+    return GrammarProcessor(ll_tokenizer(tokenizer, n_vocab), compile_schema(schema), n_vocab)
 
 
 def engine_vocab(engine) -> Optional[int]:

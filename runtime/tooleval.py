@@ -53,7 +53,8 @@ from mlx_student.tools.registry import call_text, schema_errors
 from mlx_student.tools.traces import TOOLS_NOTE, call_message, tool_message
 from tqdm import tqdm
 
-from .constrained import GrammarProcessor, _ll_tokenizer, compile_schema, engine_vocab, tool_call_schema
+from .constrained import (GrammarProcessor, compile_schema, engine_vocab, ll_tokenizer,
+                          tool_call_schema)
 from .generate import GenerationParams, chat_prompt, generate
 
 MODES = {"off": (False,), "on": (True,), "both": (False, True)}
@@ -98,7 +99,7 @@ class EngineRunner:
         if key not in self._grammars:
             self._grammars[key] = (compile_schema(tool_call_schema(tools)) if must_call
                                    else LLMatcher.grammar_from_lark(_answer_or_call(tools)))
-        ll = _ll_tokenizer(self.engine.tokenizer, self.n_vocab)
+        ll = ll_tokenizer(self.engine.tokenizer, self.n_vocab)
         return GrammarProcessor(ll, self._grammars[key], self.n_vocab)
 
     def reply(self, messages, tools, constrained, must_call) -> str:

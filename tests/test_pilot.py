@@ -63,7 +63,7 @@ def test_report_numbers_come_from_the_stage_outputs(quick_run):
     kd = next((work / "data").glob("kd_t_quick-*"))
     manifest = json.loads((kd / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["records_with_topk"] == manifest["records"]
-    assert f"{manifest['records']} (" in md
+    assert f"{manifest['records']} (" in md  # every record of the folder
     bench = json.loads((run / "bench" / "bench.json").read_text())
     assert all(math.isfinite(x) for x in finite_numbers(bench["roofline"]) if x is not None)
     assert f"achieved {bench['roofline']['achieved_pct']:.0f} %" in md

@@ -50,10 +50,10 @@ def test_schema_errors_name_the_field():
 
 def test_wire_form_is_what_the_runtime_grammar_accepts(tokenizer):
     from llguidance import LLMatcher
-    from runtime.constrained import _ll_tokenizer, compile_schema, tool_call_schema
+    from runtime.constrained import ll_tokenizer, compile_schema, tool_call_schema
 
     grammar = compile_schema(tool_call_schema(list(TOOLS.values())))
-    ll = _ll_tokenizer(tokenizer, len(tokenizer._tokenizer))
+    ll = ll_tokenizer(tokenizer, len(tokenizer._tokenizer))
     args = {"edits": [{"new": "b(", "old": "a("}], "dry_run": True, "path": "src/é.py"}
     text = call_text("edit_file", args)  # keys put in schema order, compact, UTF-8
     assert text == '{"name":"edit_file","arguments":{"path":"src/é.py","edits":[{"old":"a(","new":"b("}],"dry_run":true}}'
