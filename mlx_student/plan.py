@@ -30,9 +30,9 @@ numbers of live tensors checked against mx.get_peak_memory on the CPU backend (M
                         being summed (EMBEDDING_GRAD_*), activations already freed
   optimizer step        the weights plus UPDATE_BYTES per trainable parameter; the step's
                         peak is the largest of the three
-  accumulation          the trainer evaluates all micro-batches of a step as one graph, so
-                        their activations are live together: accumulation saves no memory
-                        (measured: 4 x 2 rows peaks like 8 rows)
+  accumulation          the trainer evaluates the running gradient after each micro-batch:
+                        one micro-batch's activations are live at a time, beside the running
+                        sum of the gradients
 
 With gradient checkpointing each layer keeps its input only and one layer's activations are
 recomputed at a time. Metal's allocator may differ from the CPU backend's; the Mac rows
@@ -141,8 +141,8 @@ def plan(c: StudentConfig, s: Setting) -> dict:
     if s.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: {s.optimizer!r} is not one of {OPTIMIZERS}")
     w = weights_bytes(c, s)
-    tokens = s.batch_size * s.max_seq_length * s.grad_accumulation_steps  # all live at once
-    grads = 4 * w["trainable"] * (2 if s.grad_accumulation_steps > 1 else 1)
+    tokens = s.batch_size * s.max_seq_length  # one micro-batch live at a time
+    grads = 4 * w["trainable"]
     layer = layer_activation_bytes(c, s) * tokens
     if s.grad_checkpoint:
         acts = c.num_hidden_layers * tokens * c.hidden_size * DTYPE_BYTES[s.compute_dtype] + layer
@@ -230,11 +230,11 @@ def measure(c: StudentConfig, s: Setting, steps: int = 2) -> dict:
     from types import SimpleNamespace
 
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
 
     from . import finetune
     from .data import Example
+    from .train import OPTIMIZERS
     from .trainer import TrainingArgs, train
 
     ft = "full" if s.fine_tune == "full" else "dora" if s.fine_tune == "dora" else "lora"
@@ -257,7 +257,7 @@ def measure(c: StudentConfig, s: Setting, steps: int = 2) -> dict:
                           model.parameters())
         model.update(frozen)
         model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
-    optimizer = {"adamw": optim.AdamW, "adafactor": optim.Adafactor, "sgd": optim.SGD}[s.optimizer](learning_rate=1e-4)
+    optimizer = OPTIMIZERS[s.optimizer](1e-4, 0.01)  # as mlx_student.train makes them
     targs = TrainingArgs(batch_size=rows, iters=steps, max_seq_length=s.max_seq_length,
                          grad_checkpoint=s.grad_checkpoint, compute_dtype=s.compute_dtype,
                          grad_accumulation_steps=s.grad_accumulation_steps, steps_per_eval=10**9,

@@ -60,6 +60,15 @@ CONFIG_DEFAULTS = {
     "num_layers": -1,  # blocks (the last N) that get adapters; -1: all
     "lora_parameters": dict(finetune.LORA_DEFAULTS),  # {rank, scale, dropout, keys}
     "quantize_base": None,  # QLoRA: {bits: 4, group_size: 64}
+    "optimizer": "adamw",  # adamw | adafactor | sgd (mlx_student.plan counts their memory)
+}
+
+
+OPTIMIZERS = {
+    "adamw": lambda lr, wd: optim.AdamW(learning_rate=lr, weight_decay=wd),
+    "adafactor": lambda lr, wd: optim.Adafactor(learning_rate=lr, weight_decay=wd, relative_step=False,
+                                                scale_parameter=False),
+    "sgd": lambda lr, wd: optim.SGD(learning_rate=lr, weight_decay=wd),
 }
 
 
@@ -118,6 +127,8 @@ def build_parser():
     add("--warmup", type=int, help="linear warmup steps before the cosine decay")
     add("--min-lr-ratio", type=float, help="final learning rate as a fraction of the peak")
     add("--weight-decay", type=float, help="AdamW weight decay")
+    add("--optimizer", choices=list(OPTIMIZERS), help="adamw (two fp32 moments), adafactor (factored "
+        "second moment, the scheduled learning rate) or sgd (no state)")
     add("--grad-clip", type=float, help="clip the global gradient norm to this")
     add("--grad-checkpoint", action="store_true", default=None, help="recompute layer activations in backward (less memory)")
     add("--compute-dtype", choices=list(DTYPES), help="forward/backward dtype; master weights stay fp32")
@@ -198,7 +209,7 @@ def run(args):
     mx.random.seed(args.seed)
     model = finetune.build_student(config, args)
     sched = schedule(args.learning_rate, args.iters, args.warmup, args.min_lr_ratio)
-    optimizer = optim.AdamW(learning_rate=sched, weight_decay=args.weight_decay)
+    optimizer = OPTIMIZERS[args.optimizer](sched, args.weight_decay)
     out = Path(args.out)
     metrics = out / "metrics.jsonl"
     start = 0

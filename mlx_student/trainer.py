@@ -220,6 +220,8 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
             counts = mx.stack([_term_mask(n, shard).sum() for n in names])
             parts, grad = grad_step(shard, counts / totals, grad)
             sums = sums + parts * counts
+            if accum > 1:  # one micro-batch's activations live at a time
+                mx.eval(grad, sums)
         grad_norm = update(grad)
         if size > 1:
             sums = mx.distributed.all_sum(sums, stream=mx.cpu)

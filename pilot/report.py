@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from .run import kd_dir, package_dir, write_json
+from .run import kd_dir, package_dir, probe_dir, write_json
 
 GOAL_POINTS = 5.0  # top-k KD should beat the control by this many points of top-1 agreement
 
@@ -223,7 +223,7 @@ def build(run_dir: Path, s: dict) -> Doc:
                      f"{em['timings_s']['total']:.0f} s"])
     d.table(["weights", "package", "bytes / parameter", "functions", "export time"], rows)
     for fmt in fmts:
-        pdir = package_dir(run_dir, fmt) / "probe"
+        pdir = probe_dir(run_dir, fmt)
         ex = _read(pdir / "exit.json")
         if ex["exit"] == 2:
             d.p(f"Probe of the {fmt} package could not run: {ex['error']}")

@@ -305,6 +305,11 @@ def package_dir(run_dir: Path, fmt: str) -> Path:
     return Path(run_dir) / "export" / fmt
 
 
+def probe_dir(run_dir: Path, fmt: str) -> Path:
+    """Beside the package folder, not in it: the package is the probe stage's input."""
+    return Path(run_dir) / "probe" / fmt
+
+
 def stage_export(p: Pilot):
     from export import cli
 
@@ -338,7 +343,7 @@ def stage_probe(p: Pilot):
         exits = {}
         for fmt, d in pkgs.items():
             argv = ["--model", str(model), "--package", str(d / "model.mlpackage"), "--out",
-                    str(d / "probe"), *flags(p.s["probe"])]
+                    str(probe_dir(p.dir, fmt)), *flags(p.s["probe"])]
             try:
                 report = probe.run(probe.parse_args(argv))
                 exits[fmt] = {"exit": 0 if report["ok"] else 1,
@@ -346,10 +351,10 @@ def stage_probe(p: Pilot):
             except (ConfigError, probe.ProbeError, probe.tp.TapMappingError, FileNotFoundError,
                     ValueError, KeyError) as e:  # what mlx_student.probe exits 2 on
                 exits[fmt] = {"exit": 2, "error": f"{type(e).__name__}: {e}"}
-            write_json(d / "probe" / "exit.json", exits[fmt])
+            write_json(probe_dir(p.dir, fmt) / "exit.json", exits[fmt])
         return exits
 
-    outputs = [d / "probe" / "exit.json" for d in pkgs.values()]
+    outputs = [probe_dir(p.dir, f) / "exit.json" for f in pkgs]
     return p.stage("probe", p.s["probe"], [model, *pkgs.values()], outputs, run)
 
 

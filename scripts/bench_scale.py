@@ -104,8 +104,10 @@ def main():
     print(f"\nAssumptions: fits = planned peak <= {plan.USABLE_FRACTION:.0%} of 64 GB; M1 Max GPU "
           f"{M1_MAX_FLOPS / 1e12:.1f} TFLOPS at {MFU:.0%} MFU (assumed, not measured: no Mac here); "
           f"{TOKENS_PER_PROMPT} tokens per KD prompt, one epoch, batch 1 x {args.mac_seq}, top-{TOPK} "
-          "targets; FLOPs per token from train_flops_per_token. The measured rows ran on this "
-          "machine's CPU in fp32; their ratios to full fine-tuning are what carries over.")
+          "targets; FLOPs per token from train_flops_per_token, so a quantized base costs no more "
+          "than a bf16 one on Metal. The measured rows ran on this machine's CPU in fp32: the "
+          "LoRA / DoRA step-time ratios to full fine-tuning carry over; the QLoRA ones show MLX's "
+          "slow CPU quantized matmul, not Metal's.")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def test_qlora_base_stays_frozen_and_adapters_train(base, kd_data, tokenizer):
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     assert any(k.endswith("q_proj.linear.scales") for k in before)  # a quantized base
     assert all(".q_proj." in k or ".down_proj." in k for k in trainable)
-    splits = load_dataset(kd_data, tokenizer, config.vocab_size, 32)
-    targs = TrainingArgs(batch_size=4, iters=2, max_seq_length=32, steps_per_eval=100,
+    splits = load_dataset(kd_data, tokenizer, config.vocab_size, 64)
+    targs = TrainingArgs(batch_size=4, iters=2, max_seq_length=64, steps_per_eval=100,
                          loss={"topk_kd": 1.0})
     train_loop(model, optim.AdamW(learning_rate=1e-2), splits["train"].examples, None, targs)
     after = dict(tree_flatten(model.parameters()))
@@ -93,8 +93,7 @@ def test_qlora_base_stays_frozen_and_adapters_train(base, kd_data, tokenizer):
 
 
 def test_lora_resume_gives_the_uninterrupted_losses(tmp_path, base, kd_data, monkeypatch):
-    flags = ("--iters", "4", "--init-from", str(base), "--fine-tune-type", "dora", "--steps-per-save", "2",
-             "--max-seq-length", "32")
+    flags = ("--iters", "4", "--init-from", str(base), "--fine-tune-type", "dora", "--steps-per-save", "2")
     train.main(train_argv(tmp_path / "whole", kd_data, *flags, loss={"topk_kd": 1.0}))
 
     save = checkpoint.save

@@ -81,7 +81,7 @@ def test_gates_reflect_the_probes_real_exit(quick_run):
     work, _, run = quick_run
     gates = json.loads((run / "report_files" / "gates.json").read_text())
     pkg = run / "export" / "fp16"
-    recorded = json.loads((pkg / "probe" / "exit.json").read_text())["exit"]
+    recorded = json.loads((run / "probe" / "fp16" / "exit.json").read_text())["exit"]
     real = subprocess.run(
         [sys.executable, "-m", "export.probe", "--model", str(run / "kd"), "--package",
          str(pkg / "model.mlpackage"), "--out", str(work / "reprobe"), "--windows", "1",
