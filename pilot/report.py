@@ -173,9 +173,11 @@ def build(run_dir: Path, s: dict) -> Doc:
          "*.jsonl usage"],
         ["finished by EOS", _pct(sum(r["finish_reason"] == "stop" for r in recs) / len(recs)),
          "*.jsonl finish_reason"],
-        ["teacher rate, last kd_mix run", f"{last['records_per_s']:.3f} records/s, "
-                                          f"{last['tokens_per_s']:.1f} tokens/s ({last['written']} "
-                                          f"records in {last['elapsed_s']:.0f} s)", "manifest.json"],
+        ["teacher rate, last kd_mix run on the folder",
+         f"{last['records_per_s']:.3f} records/s, {last['tokens_per_s']:.1f} tokens/s "
+         f"({last['written']} records in {last['elapsed_s']:.0f} s)" if last["written"] else
+         "it made no records (the folder was complete); earlier runs' rates are in their logs",
+         "manifest.json"],
     ])
     by_source = {}
     for r in recs:
@@ -207,7 +209,9 @@ def build(run_dir: Path, s: dict) -> Doc:
         f"{GOAL_POINTS:g} points) is **{'met' if met else 'NOT met'}** in this run "
         f"(`{run_dir / 'eval.json'}`)." + ("" if met else " This is a measurement, not a demo: "
                                            "with this data, steps and model size the top-k "
-                                           "signal did not add that much over the teacher's text."))
+                                           "signal did not add that much over the teacher's text"
+                                           + (", and the control agreed with the teacher's top-1 "
+                                              "more often." if diff < 0 else ".")))
     curves = run_dir / "report_files" / "loss_curves.png"
     plot_curves({w: _metrics(run_dir / w / "metrics.jsonl") for w in ("kd", "control")}, curves)
     d.image(curves, "loss curves: KD vs control")

@@ -71,7 +71,8 @@ def qat_run(fp, data, out, bits, a):
     argv = ["--config", str(out / "run.yaml"), "--data", str(data), "--out", str(out / "model"),
             "--init-from", str(fp), "--teacher", str(fp), "--loss", "forward_kl=1",
             "--iters", str(a.qat_steps), "--batch-size", str(a.batch_size),
-            "--max-seq-length", str(a.seq), "--learning-rate", str(a.lr), "--warmup", "0",
+            "--max-seq-length", str(a.seq), "--learning-rate", str(a.lr if bits == 4 else a.lr_int8),
+            "--warmup", "0",
             "--steps-per-eval", str(10 * a.qat_steps), "--steps-per-save", str(a.qat_steps),
             "--qat", f"bits={bits},{QAT}"]
     train.run(train.parse_args(argv))
@@ -112,7 +113,10 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="its data folder (valid or test split held out)")
     p.add_argument("--out", default="runs/bench_qat")
     p.add_argument("--qat-steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4, help="4-bit QAT learning rate")
+    p.add_argument("--lr-int8", type=float, default=2e-6,
+                   help="int8 QAT learning rate: below the int8 grid step, or AdamW's moves "
+                   "outweigh the quantization error they should fix")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--val-batches", type=int, default=16)
@@ -149,7 +153,8 @@ def main(argv=None):
     recovery = {n: (rows[f"PTQ-{n}"]["kl"] - rows[f"QAT-{n}"]["kl"]) / rows[f"PTQ-{n}"]["kl"]
                 for n in ("int8", "4bit")}
     result = {"model": str(fp), "data": str(a.data), "held_out_tokens": sum(
-        b["mask"].sum().item() for b in batches), "qat_steps": a.qat_steps, "lr": a.lr,
+        b["mask"].sum().item() for b in batches), "qat_steps": a.qat_steps,
+        "lr": {"int8": a.lr_int8, "4bit": a.lr},
         "qat": QAT, "rows": rows, "recovery": recovery, "packages": {}}
     if not a.skip_export:
         for name, (source, flags) in PACKAGES.items():

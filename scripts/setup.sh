@@ -39,4 +39,4 @@ fi
 
 .venv/bin/python -m mlx_student.default_teacher
 [ -f data/stdlib/train.jsonl ] || .venv/bin/python scripts/make_text_corpus.py --out data/stdlib
-echo "== ready: .venv/bin/mlx_student.train --config configs/pilot.yaml"
+echo "== ready: .venv/bin/mlx_student.pilot --config configs/pilot.yaml"

@@ -197,7 +197,6 @@ def test_an_interrupted_qat_run_resumes_exactly(qat_run, tmp_path, monkeypatch):
     for k in b:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7,
                                    err_msg=k)
-    return tmp_path / "student"
 
 
 def test_qat_setting_from_the_config_file_and_its_errors(tmp_path):
