@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="its data folder (valid or test split held out)")
     p.add_argument("--out", default="runs/bench_qat")
     p.add_argument("--qat-steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-4, help="4-bit QAT learning rate")
+    p.add_argument("--lr", type=float, default=5e-5, help="4-bit QAT learning rate")
     p.add_argument("--lr-int8", type=float, default=2e-6,
                    help="int8 QAT learning rate: below the int8 grid step, or AdamW's moves "
                    "outweigh the quantization error they should fix")
