@@ -21,10 +21,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import model as student_model
+from . import quant
 from .config import ConfigError
 from .files import atomic_dir, recover
 from .finetune import fused
-from . import quant
 
 RUN_FILES = ("metrics.jsonl", "loss.png")  # kept across model-folder replacements
 
@@ -38,8 +38,9 @@ def save(out, model, config, tokenizer, optimizer, step, settings: dict, qat=Non
     """Write both folders. With `qat` (a QAT step) the model folder gets the fake-quantized
     weights, exactly on the grid the exporter uses, and records `student.qat`; the trainer
     folder always keeps the fp32 masters. Both get qat_scales.safetensors (quant.scales): the
-    scales the exporter uses, and what a resume restores. Under LoRA / DoRA the trainer folder holds only the
-    trainable (adapter) weights and the model folder the fused model (finetune.fused)."""
+    scales the exporter uses, and what a resume restores. Under LoRA / DoRA the trainer folder
+    holds only the trainable (adapter) weights and the model folder the fused model
+    (finetune.fused)."""
     with atomic_dir(trainer_dir(out)) as tmp:
         trainable = dict(tree_flatten(model.trainable_parameters()))
         mx.save_safetensors(str(tmp / "weights.safetensors"), trainable)

@@ -20,9 +20,9 @@ distillation:
 
 import math
 import time
-from itertools import islice
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from typing import Optional
 
 import mlx.core as mx
