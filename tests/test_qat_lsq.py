@@ -13,6 +13,7 @@ from mlx_student import model as student_model
 from mlx_student import train
 from mlx_student.config import load_config
 from mlx_student.data import iterate_batches, load_dataset
+from mlx_student.losses import forward_kl
 from mlx_student.quant import (ActQuantLinear, act_fake_quant, fake_quantized, lsq_fake_quant,
                                observe, qat_settings)
 
@@ -128,13 +129,11 @@ def held_out_kl(reference, folder, examples, qat=None):
     kl, agree, n = 0.0, 0.0, 0
     with fake_quantized(model, qat):
         for b in iterate_batches(examples, 4, 64, seed=0):
-            p = reference(b["inputs"]).astype(mx.float32)
-            q = model(b["inputs"]).astype(mx.float32)
-            lp, lq = p - mx.logsumexp(p, -1, keepdims=True), q - mx.logsumexp(q, -1, keepdims=True)
-            m = b["mask"]
-            kl += ((mx.exp(lp) * (lp - lq)).sum(-1) * m).sum().item()
+            p, q, m = reference(b["inputs"]), model(b["inputs"]), b["mask"]
+            count = m.sum().item()
+            kl += forward_kl(q, p, m).item() * count
             agree += ((mx.argmax(p, -1) == mx.argmax(q, -1)) * m).sum().item()
-            n += m.sum().item()
+            n += count
     return kl / n, agree / n
 
 
