@@ -1,6 +1,8 @@
 """Writes that never leave a half-written result: build in a temp sibling, then rename."""
 
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,3 +47,17 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json_atomic(path, obj):
+    """Write `obj` as indented JSON to `path` by temp file, fsync and rename (parents made);
+    values JSON cannot hold (paths, ...) are written as their str()."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -34,12 +34,13 @@ from mlx_lm.utils import load_tokenizer
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint, default_teacher, finetune
+from . import checkpoint, finetune
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
 from .losses import LOSSES, TAILS
 from .quant import qat_settings
+from .teacher import default as default_teacher
 from .trainer import DTYPES, TrainingArgs, schedule, train
 
 CONFIG_DEFAULTS = {

@@ -14,7 +14,9 @@ import math
 import re
 from pathlib import Path
 
-from .run import kd_dir, package_dir, probe_dir, write_json
+from mlx_student.files import write_json_atomic
+
+from .paths import kd_dir, package_dir, probe_dir
 
 GOAL_POINTS = 5.0  # top-k KD should beat the control by this many points of top-1 agreement
 
@@ -299,5 +301,5 @@ def write(run_dir, settings) -> dict:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    write_json(run_dir / "report_files" / "gates.json", doc.gates)
+    write_json_atomic(run_dir / "report_files" / "gates.json", doc.gates)
     return {"md": md, "html": page}

@@ -24,9 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_student import default_teacher
 from mlx_student.config import ConfigError, load_yaml
 from mlx_student.data import DataError
+from mlx_student.files import write_json_atomic
+from mlx_student.teacher import default as default_teacher
+
+from . import report
+from .paths import kd_dir, package_dir, probe_dir
 
 STAGES = ("teacher", "kd_mix", "train_kd", "train_control", "eval", "export", "probe", "bench",
           "tool_calls")
@@ -118,19 +122,6 @@ def tree_hash(path) -> str:
     return total.hexdigest()
 
 
-def write_json(path, obj):
-    """Write JSON atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Pilot:
     """Stage bookkeeping of one pilot run: keys, stamps, skips, a log of what ran."""
 
@@ -165,7 +156,7 @@ class Pilot:
         tic = time.perf_counter()
         result = fn()
         seconds = round(time.perf_counter() - tic, 1)
-        write_json(stamp_path, {"stage": name, "key": key, "settings": settings, "inputs": inputs,
+        write_json_atomic(stamp_path, {"stage": name, "key": key, "settings": settings, "inputs": inputs,
                                 "outputs": {str(p): tree_hash(p) for p in outputs},
                                 "result": result, "seconds": seconds,
                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -190,16 +181,8 @@ def stage_teacher(p: Pilot):
     return p.stage("teacher", {"teacher": str(teacher)}, inputs, [teacher / "config.json"], run)
 
 
-def kd_dir(s: dict) -> Path:
-    """data/kd_<name>-<hash of the kd_mix settings but its size and batch>: another mix never
-    resumes into this one; a larger num_records adds to it."""
-    mix = {k: v for k, v in s["kd_mix"].items() if k not in ("num_records", "batch_size")}
-    tag = hashlib.sha256(json.dumps(mix, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(s["kd_mix"].get("out") or f"data/kd_{s['name']}-{tag}")
-
-
 def stage_kd_mix(p: Pilot):
-    from mlx_student import kd_mix
+    from mlx_student.teacher import kd_mix
 
     teacher, out = Path(p.s["teacher"]), kd_dir(p.s)
     opts = {k: v for k, v in p.s["kd_mix"].items() if k not in ("config", "out")}
@@ -294,20 +277,11 @@ def stage_eval(p: Pilot):
             print(f"[pilot] eval {name}: " + json.dumps(row, default=str), flush=True)
         kd, ctl = result["models"]["kd"]["kd_test"], result["models"]["control"]["kd_test"]
         result["kd_minus_control_top1_points"] = 100 * (kd["top1_agree"] - ctl["top1_agree"])
-        write_json(out, result)
+        write_json_atomic(out, result)
         return {"kd_minus_control_top1_points": result["kd_minus_control_top1_points"]}
 
     inputs = [test, heldout, p.s["teacher"], *(d / "model.safetensors" for d in students.values())]
     return p.stage("eval", p.s["eval"], inputs, [out], run)
-
-
-def package_dir(run_dir: Path, fmt: str) -> Path:
-    return Path(run_dir) / "export" / fmt
-
-
-def probe_dir(run_dir: Path, fmt: str) -> Path:
-    """Beside the package folder, not in it: the package is the probe stage's input."""
-    return Path(run_dir) / "probe" / fmt
 
 
 def stage_export(p: Pilot):
@@ -351,7 +325,7 @@ def stage_probe(p: Pilot):
             except (ConfigError, probe.ProbeError, probe.tp.TapMappingError, FileNotFoundError,
                     ValueError, KeyError) as e:  # what mlx_student.probe exits 2 on
                 exits[fmt] = {"exit": 2, "error": f"{type(e).__name__}: {e}"}
-            write_json(probe_dir(p.dir, fmt) / "exit.json", exits[fmt])
+            write_json_atomic(probe_dir(p.dir, fmt) / "exit.json", exits[fmt])
         return exits
 
     outputs = [probe_dir(p.dir, f) / "exit.json" for f in pkgs]
@@ -399,7 +373,7 @@ def stage_tool_calls(p: Pilot):
             calls.append({"seed": seed, "text": r.text, "finish_reason": r.finish_reason,
                           "tokens": len(r.tokens), "valid": error is None, "error": error})
         valid = sum(c["valid"] for c in calls)
-        write_json(out, {"schema": schema, "prompt_tokens": len(prompt), "settings": t,
+        write_json_atomic(out, {"schema": schema, "prompt_tokens": len(prompt), "settings": t,
                          "valid": valid, "n": len(calls), "calls": calls})
         return {"valid": valid, "n": len(calls)}
 
@@ -407,7 +381,6 @@ def stage_tool_calls(p: Pilot):
 
 
 def run(settings: dict, force=()) -> Pilot:
-    from . import report
 
     p = Pilot(settings, force)
     p.dir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +394,7 @@ def run(settings: dict, force=()) -> Pilot:
     stage_probe(p)
     stage_bench(p)
     stage_tool_calls(p)
-    write_json(p.dir / "pilot_log.json", {"stages": p.log, "settings": settings,
+    write_json_atomic(p.dir / "pilot_log.json", {"stages": p.log, "settings": settings,
                                           "seconds": round(time.perf_counter() - tic, 1)})
     files = report.write(p.dir, settings)
     print(f"[pilot] report: {files['md']} and {files['html']}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import mlx_student  # noqa: F401  (OpenBLAS before mlx)
 import yaml
-from mlx_student import default_teacher, prompts
-from mlx_student.local_teacher import LocalTeacher, LocalTeacherArgs
+from mlx_student.teacher import default as default_teacher, prompts
+from mlx_student.teacher.local import LocalTeacher, LocalTeacherArgs
 
 ROOT = Path(__file__).resolve().parent.parent
 

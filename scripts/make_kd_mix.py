@@ -4,7 +4,7 @@
 """
 
 import mlx_student  # noqa: F401  (first: OpenBLAS before mlx loads)
-from mlx_student.kd_mix import main
+from mlx_student.teacher.kd_mix import main
 
 if __name__ == "__main__":
     main()

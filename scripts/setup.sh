@@ -37,6 +37,6 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 
-.venv/bin/python -m mlx_student.default_teacher
+.venv/bin/python -m mlx_student.teacher.default
 [ -f data/stdlib/train.jsonl ] || .venv/bin/python scripts/make_text_corpus.py --out data/stdlib
 echo "== ready: .venv/bin/mlx_student.pilot --config configs/pilot.yaml"

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlx_student  # noqa: E402,F401  (first: picks OpenBLAS on Linux before mlx loads)
 import pytest  # noqa: E402
 
-from mlx_student import default_teacher  # noqa: E402
+from mlx_student.teacher import default as default_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlx_student import kd_mix
+from mlx_student.teacher import kd_mix
 from mlx_student.config import ConfigError
 from mlx_student.data import load_jsonl
 from test_teacher import FaultProxy, server  # noqa: F401  (the module's real mlx_lm.server)
@@ -99,7 +99,7 @@ def test_killed_run_resumes_to_exactly_n_unique_records(
     config = write_config(tmp_path, teacher_dir, prompt_file, proxy.url, concurrency=1,
                           num_records=n)
     out = tmp_path / "kd"
-    cmd = [sys.executable, "-m", "mlx_student.kd_mix", "--config", str(config)]
+    cmd = [sys.executable, "-m", "mlx_student.teacher.kd_mix", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(records(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:

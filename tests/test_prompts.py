@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlx_student import prompts
+from mlx_student.teacher import prompts
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
-from mlx_student import teacher_server
-from mlx_student.teacher import (
+from mlx_student.teacher import server as teacher_server
+from mlx_student.teacher.http import (
     AlignmentError, HTTPTeacher, HTTPTeacherArgs, TeacherError, align, parse_response,
 )
 

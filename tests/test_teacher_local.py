@@ -7,7 +7,7 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from mlx_student.local_teacher import LocalTeacher, LocalTeacherArgs, topk_of
+from mlx_student.teacher.local import LocalTeacher, LocalTeacherArgs, topk_of
 
 K = 24
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mlx_student.teacher import HTTPTeacher, HTTPTeacherArgs
+from mlx_student.teacher.http import HTTPTeacher, HTTPTeacherArgs
 from mlx_student.tools import spans, toolgen, toolverify
 from mlx_student.tools.broker import Broker
 from mlx_student.tools.registry import call_text

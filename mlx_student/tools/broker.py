@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..kd_mix import write_json_atomic
+from ..files import write_json_atomic
 
 
 class BrokerMiss(KeyError):

@@ -40,9 +40,9 @@ from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
 from ..config import ConfigError, apply_config
-from ..default_teacher import DEFAULT_TEACHER_DIR
 from ..files import atomic_dir
-from ..teacher import HTTPTeacher, HTTPTeacherArgs, TeacherError
+from ..teacher.default import DEFAULT_TEACHER_DIR
+from ..teacher.http import HTTPTeacher, HTTPTeacherArgs, TeacherError
 from . import scenarios, spans
 from .broker import Broker, call_key
 from .registry import SCENARIOS, TOOLS

@@ -40,8 +40,8 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from ..default_teacher import DEFAULT_TEACHER_DIR
-from ..kd_mix import write_json_atomic
+from ..files import write_json_atomic
+from ..teacher.default import DEFAULT_TEACHER_DIR
 from . import spans as spans_mod
 from .broker import call_key
 from .registry import call_text, schema_errors

@@ -36,7 +36,7 @@ runtime/constrained.py):
 
 Gold traces come from the generator's plan (it knows the calls, the results and the facts the
 answer must carry). Teacher traces: `teacher_trace` runs the conversation against an
-OpenAI-compatible endpoint (mlx_student.teacher.HTTPTeacher, native `tools`), answers each
+OpenAI-compatible endpoint (mlx_student.teacher.http.HTTPTeacher, native `tools`), answers each
 call with the broker (a miss becomes an error result the teacher sees), and asks for the final
 answer with tool_choice "none" once the call budget is spent. The teacher's calls are
 re-written in the wire form above, so both sources train the same text.

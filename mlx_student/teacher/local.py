@@ -26,7 +26,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from .teacher import Completion
+from .http import Completion
 
 
 @dataclass

@@ -5,7 +5,7 @@ transformers and writes an fp32 Hugging Face folder (config.json, model.safetens
 that mlx_lm.load, mlx_lm.server and transformers all read. fp32, not bf16: bf16 logprobs are
 too coarse to distil from. Nothing is downloaded: the weights come from the installed package.
 
-    python -m mlx_student.default_teacher [--out models/smollm2-135m-instruct]
+    python -m mlx_student.teacher.default [--out models/smollm2-135m-instruct]
 """
 
 import argparse
@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_dir
+from ..files import atomic_dir
 
 DEFAULT_TEACHER_DIR = Path("models/smollm2-135m-instruct")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

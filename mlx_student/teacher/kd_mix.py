@@ -3,7 +3,7 @@
     mlx_student.kd_mix --config configs/kd_mix.yaml [--num-records 200] [--teacher server]
 
 Sources (`sources:` in the config) are built-in prompt builders over local corpora
-(mlx_student.prompts.BUILDERS) or jsonl prompt files, each with a weight: the job takes
+(mlx_student.teacher.prompts.BUILDERS) or jsonl prompt files, each with a weight: the job takes
 `num_records` prompts, split between sources by weight, each source's prompts in a seeded
 hash order, duplicates (same messages) dropped. A prompt's split (train/valid/test) follows
 from its hash alone, so it never moves between splits.
@@ -34,10 +34,13 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from . import default_teacher, prompts, teacher_server
-from .config import ConfigError, apply_config
-from .local_teacher import LocalTeacher, LocalTeacherArgs
-from .teacher import AlignmentError, HTTPTeacher, HTTPTeacherArgs, TeacherError, align
+from ..config import ConfigError, apply_config
+from ..files import write_json_atomic
+from . import default as default_teacher
+from . import prompts
+from . import server as teacher_server
+from .http import AlignmentError, HTTPTeacher, HTTPTeacherArgs, TeacherError, align
+from .local import LocalTeacher, LocalTeacherArgs
 
 SPLITS = ("train", "valid", "test")
 TEACHERS = ("local", "server", "http")
@@ -177,16 +180,6 @@ def append(fd, record):
     data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
     while data:
         data = data[os.write(fd, data):]
-
-
-def write_json_atomic(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def vocab_hash(tokenizer):

@@ -13,7 +13,7 @@ Built-in builders (`BUILDERS`), each returning a list of `Prompt`s in a fixed or
 A jsonl prompt file holds one object a line: `{"messages": [...]}` (a chat without the
 assistant's answer) or `{"prompt": "..."}` (one user turn).
 
-`plan(...)` mixes sources by weight into the job list of a KD run (mlx_student.kd_mix).
+`plan(...)` mixes sources by weight into the job list of a KD run (mlx_student.teacher.kd_mix).
 """
 
 import ast
