@@ -7,8 +7,9 @@ The static lint (`lint`) reads the saved program on any OS (export/mil_executor.
 weights read) and applies the RULES below. It is a lint, not a placement: CoreML decides per op
 at load time; on macOS `compute_plan` (at the end of this file, clearly separate) asks CoreML's
 own MLComputePlan for each op's device and estimated cost. Severities: `error` breaks the ANE
-or a project rule (DESIGN.md "ANE rules"), `warning` is known to run off the ANE (a CPU/GPU
-segment and a hop), `info` is expected and cheap (an embedding lookup) but worth seeing.
+or a project rule (docs/architecture.md "ANE rules"), `warning` is known to run off the
+ANE (a CPU/GPU segment and a hop), `info` is expected and cheap (an embedding lookup) but
+worth seeing.
 """
 
 import argparse
@@ -25,9 +26,9 @@ RULES = {
     "dynamic-shape": "a dim unknown at compile time: the ANE needs static shapes (enumerate "
                      "shapes or export one function per shape, never RangeDim)",
     "enumerated-shapes": "input with enumerated shapes: fine for the ANE, but one function per "
-                         "shape is the project's form (DESIGN.md rule 1)",
+                         "shape is the project's form (docs/architecture.md ANE rule 1)",
     "dim-above-16384": f"a tensor dim above {ANE_MAX_DIM}: beyond the ANE's limit on an axis "
-                       "(split the vocab head, DESIGN.md rule 5)",
+                       "(split the vocab head, docs/architecture.md ANE rule 5)",
     "fp32-compute": "computes in fp32: the ANE computes fp16 only, so the op runs on GPU/CPU",
     "gather-activation": "gather on activations on the hot path: not an ANE op, CPU hop",
     "gather-table": "lookup in a constant table (embedding, RoPE cos/sin) by an input-derived "

@@ -1,5 +1,5 @@
 """Parity probes: MLX (fp32) vs the PyTorch mirror (fp32) vs the CoreML package, tap by tap and
-end to end, with gates (DESIGN.md contract 4).
+end to end, with gates (docs/architecture.md contract 4).
 
     mlx_student.probe --model runs/x --package artifacts/x/model.mlpackage [--text FILE]
                       [--out DIR] [--gates top1=0.99 kl=0.01 ...] [--config probe.yaml]
