@@ -138,14 +138,18 @@ def _strip(name: str) -> str:
 
 
 def load_diff(path) -> list:
-    """The FileChanges of a unified diff (`git diff` output), in diff order."""
-    text = _read(path)
+    """The FileChanges of a unified diff file (`git diff` output), in diff order."""
+    return parse_diff(_read(path), path)
+
+
+def parse_diff(text: str, source="<diff>") -> list:
+    """The FileChanges of unified-diff `text`; `source` names it in errors."""
     try:
         patch = unidiff.PatchSet(text)
     except unidiff.UnidiffParseError as e:
-        raise CAWSError(f"{path}: not a unified diff: {e}") from None
+        raise CAWSError(f"{source}: not a unified diff: {e}") from None
     if not patch and text.strip():
-        raise CAWSError(f"{path}: not a unified diff: no file headers (diff --git / --- / +++) found")
+        raise CAWSError(f"{source}: not a unified diff: no file headers (diff --git / --- / +++) found")
     changes = []
     for f in patch:
         status = ("added" if f.is_added_file else "deleted" if f.is_removed_file
