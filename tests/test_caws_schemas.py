@@ -39,9 +39,9 @@ BAD = {
         "waiver.tests.yaml:5: $.expiry: 'next week' is not a 'date-time' (rule: format)",
         "waiver.tests.yaml:4: $.gates[0]: 'tests' is not one of ['budget', 'scope', 'lint', 'coverage'] (rule: enum)",
         "waiver.tests.yaml:1: $.id: 'WV-12' does not match '^WV-[0-9]{4}$' (rule: pattern)",
-        "waiver.tests.yaml:3: $.reason: 'because' is not one of ['emergency_hotfix', 'legacy_integration', "
-        "'experimental_feature', 'third_party_constraint', 'performance_critical', 'security_patch', "
-        "'infrastructure_limitation', 'other'] (rule: enum)",
+        ("waiver.tests.yaml:3: $.reason: 'because' is not one of ['emergency_hotfix', 'legacy_integration', "
+         "'experimental_feature', 'third_party_constraint', 'performance_critical', 'security_patch', "
+         "'infrastructure_limitation', 'other'] (rule: enum)"),
     ],
     "gate_report.waived_pass.json": [
         "gate_report.waived_pass.json: $: 'waiver' is a required property (rule: required)",

@@ -28,20 +28,20 @@ def corpus():
 
 
 KD = [  # KD records (messages + completion, as mlx_student.kd_mix writes them)
-    ("What does json.dumps return?", "json.dumps returns a str holding the JSON text; it is not bytes. "
-     "With indent=2 each level is indented by 2 spaces."),
+    ("What does json.dumps return?", ("json.dumps returns a str holding the JSON text; it is not bytes. "
+     "With indent=2 each level is indented by 2 spaces.")),
     ("How many bits are in a byte?", "A byte has 8 bits, so it can hold 256 values from 0 to 255."),
-    ("Is a Python tuple mutable?", "No. A tuple is immutable: once created its items cannot be "
-     "replaced, although a mutable item inside it can change."),
-    ("What does os.path.join do?", "It joins path components with the separator of the platform; "
-     "an absolute component discards everything before it."),
+    ("Is a Python tuple mutable?", ("No. A tuple is immutable: once created its items cannot be "
+     "replaced, although a mutable item inside it can change.")),
+    ("What does os.path.join do?", ("It joins path components with the separator of the platform; "
+     "an absolute component discards everything before it.")),
     ("How many seconds are in a day?", "A day has 86400 seconds: 24 hours of 60 minutes of 60 seconds."),
-    ("What is the default recursion limit?", "The default recursion limit is 1000; sys.setrecursionlimit "
-     "changes it and sys.getrecursionlimit reads it."),
-    ("Does str.split() with no argument keep empty strings?", "No. With no argument it splits on runs of "
-     "whitespace and drops empty strings, so '  a  b '.split() gives ['a', 'b']."),
-    ("What does range(2, 10, 3) yield?", "It yields 2, 5 and 8: it starts at 2, steps by 3 and stops "
-     "before 10."),
+    ("What is the default recursion limit?", ("The default recursion limit is 1000; sys.setrecursionlimit "
+     "changes it and sys.getrecursionlimit reads it.")),
+    ("Does str.split() with no argument keep empty strings?", ("No. With no argument it splits on runs of "
+     "whitespace and drops empty strings, so '  a  b '.split() gives ['a', 'b'].")),
+    ("What does range(2, 10, 3) yield?", ("It yields 2, 5 and 8: it starts at 2, steps by 3 and stops "
+     "before 10.")),
 ]
 
 
@@ -204,6 +204,7 @@ def test_cli_errors_name_the_problem(tmp_path):
                       (["--kd", str(kd), "--tokenizer", ""], "kd.jsonl:1: completion: expected a non-empty string"),
                       (["--source", str(tmp_path), "--tokenizer", ""], "--source: ")]:
         r = subprocess.run([sys.executable, "-m", "arbiter.judge.data", "--num-pairs", "6",
-                            "--out", str(tmp_path / "out"), *argv], capture_output=True, text=True)
+                            "--out", str(tmp_path / "out"), *argv], capture_output=True, text=True,
+                           check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()

@@ -19,14 +19,39 @@ from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import write_json_atomic, write_text_atomic
 
 from ..schemas import validate
-from .gates import (CLAUSES, DEFAULT_POLICY, GATES, WAIVABLE, Change, content_id, evaluate,
-                    format_time, parse_time)
-from .inputs import (CAWSError, load_coverage, load_diff, load_document, load_junit, load_lint,
-                     load_waivers, sha256_file)
+from .gates import (
+    CLAUSES,
+    DEFAULT_POLICY,
+    GATES,
+    WAIVABLE,
+    Change,
+    content_id,
+    evaluate,
+    parse_time,
+)
+from .inputs import (
+    CAWSError,
+    load_coverage,
+    load_diff,
+    load_document,
+    load_junit,
+    load_lint,
+    load_waivers,
+    sha256_file,
+)
 from .report import markdown
 
-__all__ = ["CAWSError", "CLAUSES", "DEFAULT_POLICY", "GATES", "WAIVABLE", "Change", "evaluate",
-           "markdown", "main"]
+__all__ = [
+    "CLAUSES",
+    "DEFAULT_POLICY",
+    "GATES",
+    "WAIVABLE",
+    "CAWSError",
+    "Change",
+    "evaluate",
+    "main",
+    "markdown",
+]
 
 EXIT = {"PASS": 0, "FAIL": 1, "WAIVER_REQUIRED": 3}
 CONFIG_DEFAULTS = {"spec": None, "policy": None, "diff": None, "junit": None, "lint": None,

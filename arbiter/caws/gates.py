@@ -232,7 +232,7 @@ def apply_waivers(gates, waivers, spec, tier, now) -> list:
 
 def clause_scores(gates, change, tier):
     by = {g["gate"]: g for g in gates}
-    ok = lambda g: g["status"] in ("pass", "warn") or g["waived"]  # noqa: E731
+    ok = lambda g: g["status"] in ("pass", "warn") or g["waived"]
     required = tier.get("required_reports", [])
     given = [r for r in required if getattr(change, r) is not None]
     b = by["budget"]
@@ -271,7 +271,7 @@ def content_id(obj) -> str:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def evaluate(spec, policy, change: Change, waivers=(), now: datetime = None, evidence=None):
+def evaluate(spec, policy, change: Change, waivers, now: datetime, evidence=None):
     """The verdict (schema `verdict`) on `change` under `spec` and `policy`.
 
     spec, policy, waivers: schema-valid objects (working_spec, policy, waiver); now: the clock

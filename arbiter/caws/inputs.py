@@ -169,7 +169,7 @@ def load_junit(path) -> TestSummary:
         raise CAWSError(f"{path}:{line}:{col}: invalid XML: {e.msg if hasattr(e, 'msg') else e}") from None
     except OSError as e:
         raise CAWSError(f"{path}: cannot read: {e.strerror}") from None
-    except Exception as e:  # junitparser raises JUnitXmlError (a plain Exception) on a wrong root
+    except junitparser.JUnitXmlError as e:  # a root other than <testsuites> / <testsuite>
         raise CAWSError(f"{path}: not a JUnit XML report: {e}") from None
     suites = [xml] if isinstance(xml, junitparser.TestSuite) else list(xml)
     tests = failures = errors = skipped = 0

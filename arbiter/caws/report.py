@@ -11,8 +11,8 @@ def markdown(verdict: dict) -> str:
     """A deterministic Markdown rendering of `verdict` (schema `verdict`)."""
     v = verdict
     out = [f"# CAWS verdict: {v['decision']}", "",
-           f"Spec `{v['spec_id']}`, risk tier {v['risk_tier']}; evaluated at {v['evaluated_at']} "
-           f"by {v['judge']['name']} v{v['judge']['version']} ({v['judge']['kind']}).",
+           (f"Spec `{v['spec_id']}`, risk tier {v['risk_tier']}; evaluated at {v['evaluated_at']} "
+            f"by {v['judge']['name']} v{v['judge']['version']} ({v['judge']['kind']})."),
            f"Verdict id `{v['id']}`.", "",
            "| gate | status | waiver | summary |", "|---|---|---|---|"]
     for g in v["gates"]:

@@ -221,7 +221,7 @@ def _stats(values):
     v = sorted(values)
     if not v:
         return {}
-    q = lambda f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
+    q = lambda f: v[min(len(v) - 1, int(f * len(v)))]
     return {"min": v[0], "p50": q(0.5), "p95": q(0.95), "max": v[-1], "mean": round(sum(v) / len(v), 1)}
 
 
@@ -252,7 +252,7 @@ def run(args) -> dict:
         phash = hashlib.sha256(row["prompt"].encode()).hexdigest()
         kept[split_of(phash, args.valid_fraction, args.test_fraction)].append(row)
     all_rows = [r for s in SPLITS for r in kept[s]]
-    count = lambda key: {k: sum(r[key] == k for r in all_rows) for k in sorted({r[key] for r in all_rows})}  # noqa: E731
+    count = lambda key: {k: sum(r[key] == k for r in all_rows) for k in sorted({r[key] for r in all_rows})}
     manifest = {
         "rows": {s: len(kept[s]) for s in SPLITS},
         "source": count("source"), "scenario": count("scenario"), "winner": count("winner"),

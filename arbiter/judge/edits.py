@@ -126,7 +126,7 @@ def add_module(rng, corpus, rel):
     defs = [d for d in _defs(lines) if not d[1]] or _defs(lines)
     if defs:
         i, indent, name = rng.choice(defs)
-        body = tuple(line[len(indent):] if line.startswith(indent) else line
+        body = tuple(line.removeprefix(indent)
                      for line in lines[i:_block_end(lines, i, indent)])
     else:
         name, body = "module", lines[:20]

@@ -16,7 +16,7 @@ gate, so they are right by construction:
 """
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import PurePosixPath
 
@@ -300,12 +300,13 @@ def render_prompt(case: Case) -> str:
     s, tier = case.spec, DEFAULT_POLICY["risk_tiers"][str(case.spec["risk_tier"])]
     filled = [f for f in tier["required_spec_fields"] if s.get(f)]
     files = case.change.files
+    out_of = f"; scope.out: {_listing(s['scope']['out'], 5)}" if s["scope"].get("out") else ""
     out = ["Adjudicate this change under CAWS: PASS, FAIL or WAIVER_REQUIRED, gate by gate.",
-           f"Spec {s['id']} ({s['mode']}), risk tier {s['risk_tier']}: budget {tier['max_files']} files / "
-           f"{tier['max_loc']} lines, coverage >= {tier['min_coverage']}%, reports required: "
-           f"{', '.join(tier['required_reports'])}; spec fields {len(filled)}/{len(tier['required_spec_fields'])} filled.",
-           f"scope.in: {_listing(s['scope']['in'], 5)}" + (f"; scope.out: {_listing(s['scope']['out'], 5)}"
-                                                             if s["scope"].get("out") else ""),
+           (f"Spec {s['id']} ({s['mode']}), risk tier {s['risk_tier']}: budget "
+            f"{tier['max_files']} files / {tier['max_loc']} lines, coverage >= "
+            f"{tier['min_coverage']}%, reports required: {', '.join(tier['required_reports'])}; "
+            f"spec fields {len(filled)}/{len(tier['required_spec_fields'])} filled."),
+           f"scope.in: {_listing(s['scope']['in'], 5)}{out_of}",
            f"Diff: {len(files)} file(s), +{sum(f.added for f in files)} -{sum(f.removed for f in files)}"]
     for f in files[:6]:
         name = f"{f.old_path} -> {f.path}" if f.old_path else f.path
@@ -331,7 +332,7 @@ def render_prompt(case: Case) -> str:
 def render_candidate(claim: dict, style: str) -> str:
     """A candidate verdict in words: 'full' (a line per gate) or 'terse' (grouped); same facts."""
     gates = claim["gates"]
-    label = lambda g: "waived by " + g["waiver"] if g["waived"] else g["status"]  # noqa: E731
+    label = lambda g: "waived by " + g["waiver"] if g["waived"] else g["status"]
     notes = [f[:70] for g in gates for f in g.get("findings", [])[:1]]
     applied = ", ".join(claim["waivers_applied"]) or "none"
     if style == "full":
