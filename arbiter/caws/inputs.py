@@ -9,7 +9,6 @@ a `CAWSError` naming the file, the line or JSON path, and the field.
 
 import hashlib
 import json
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,9 +163,9 @@ def load_junit(path) -> TestSummary:
     """Count the cases of a JUnit XML report (one <testsuite> or a <testsuites> of them)."""
     try:
         xml = junitparser.JUnitXml.fromfile(str(path))
-    except ET.ParseError as e:
+    except junitparser.junitparser.etree.ParseError as e:  # ElementTree's, or lxml's when installed
         line, col = e.position
-        raise CAWSError(f"{path}:{line}:{col}: invalid XML: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise CAWSError(f"{path}:{line}:{col}: invalid XML: {e.msg}") from None
     except OSError as e:
         raise CAWSError(f"{path}: cannot read: {e.strerror}") from None
     except junitparser.JUnitXmlError as e:  # a root other than <testsuites> / <testsuite>
