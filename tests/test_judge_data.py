@@ -54,11 +54,18 @@ def kd_data(tmp_path_factory):
     return folder
 
 
+SEED_ROW = {"id": "seed-1", "prompt": "Is a 3-file change within a tier-1 budget?", "winner": "b",
+            "a": {"text": "No.", "clauses": {c: 0 for c in CLAUSES}},
+            "b": {"text": "Yes: 3 files <= 10.", "clauses": {c: 1 for c in CLAUSES}}}
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, teacher_dir, kd_data):
     out = tmp_path_factory.mktemp("pairs")
+    (out / "seed.jsonl").write_text(json.dumps(SEED_ROW) + "\n")
     argv = ["--num-pairs", "48", "--kd", str(kd_data), "--kd-pairs", "8", "--tie-fraction", "0.1",
-            "--tokenizer", str(teacher_dir), "--valid-fraction", "0.2", "--test-fraction", "0.2"]
+            "--tokenizer", str(teacher_dir), "--valid-fraction", "0.2", "--test-fraction", "0.2",
+            "--import", str(out / "seed.jsonl")]
     data.run(data.build_parser().parse_args(argv + ["--out", str(out / "one")]))
     data.run(data.build_parser().parse_args(argv + ["--out", str(out / "two")]))
     return out
@@ -141,7 +148,7 @@ def test_trl_columns_and_manifest(pairs):
     for s in data.SPLITS:
         trl = [json.loads(line) for line in (pairs / "one" / f"trl_{s}.jsonl").read_text().splitlines()]
         expect = [{"prompt": r["prompt"], "chosen": r[r["winner"]]["text"],
-                   "rejected": r["b" if r["winner"] == "a" else "a"]["text"], "margin": r["margin"]}
+                   "rejected": r["b" if r["winner"] == "a" else "a"]["text"], "margin": r.get("margin", 0.0)}
                   for r in rows[s] if r["winner"] != "tie"]
         assert trl == expect
     assert m["rows"] == {s: len(rows[s]) for s in data.SPLITS}
@@ -149,6 +156,8 @@ def test_trl_columns_and_manifest(pairs):
     assert lengths["max"] <= 512 and m["tokens"]["max_tokens"] == 512
     assert sum(m["source"].values()) == sum(m["rows"].values())
     assert m["source"]["kd_corruption"] >= 4
+    imported = [r for rs in rows.values() for r in rs if r["source"] == "imported"]
+    assert imported == [{**SEED_ROW, "scenario": "imported", "source": "imported"}]
 
 
 def test_kd_corruptions(pairs, kd_data):

@@ -238,9 +238,10 @@ def run(args) -> dict:
     kd = read_kd(args.kd) if args.kd else []
     rows += kd_pairs(kd, args.kd_pairs, args.seed)
     rows += import_rows(args.imports) if args.imports else []
-    seen, kept, lengths, dropped = set(), {s: [] for s in SPLITS}, [], 0
+    seen, kept, lengths, dropped, duplicates = set(), {s: [] for s in SPLITS}, [], 0, 0
     for row in rows:
         if row["id"] in seen:
+            duplicates += 1
             continue
         seen.add(row["id"])
         if tok is not None:
@@ -254,7 +255,7 @@ def run(args) -> dict:
     all_rows = [r for s in SPLITS for r in kept[s]]
     count = lambda key: {k: sum(r[key] == k for r in all_rows) for k in sorted({r[key] for r in all_rows})}
     manifest = {
-        "rows": {s: len(kept[s]) for s in SPLITS},
+        "rows": {s: len(kept[s]) for s in SPLITS}, "duplicate_ids_dropped": duplicates,
         "source": count("source"), "scenario": count("scenario"), "winner": count("winner"),
         "tokens": {"tokenizer": args.tokenizer or None, "max_tokens": args.max_tokens if tok else None,
                    "dropped_over_max": dropped, "prompt_plus_longer_candidate": _stats(lengths)},
@@ -273,7 +274,7 @@ def run(args) -> dict:
                         continue
                     win, lose = (r["a"], r["b"]) if r["winner"] == "a" else (r["b"], r["a"])
                     f.write(json.dumps({"prompt": r["prompt"], "chosen": win["text"], "rejected": lose["text"],
-                                        "margin": r["margin"]}, ensure_ascii=False) + "\n")
+                                        "margin": r.get("margin", 0.0)}, ensure_ascii=False) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -40,6 +40,7 @@ class Case:
     waivers: list
     now: datetime
     diff: str
+    file_lines: int  # lines of the touched files, before plus after (a miscount's material)
 
 
 # ---- building cases -------------------------------------------------------------------------
@@ -148,7 +149,8 @@ def make_case(rng, corpus, kind) -> Case:
     diff = "".join(edits.to_diff(e) for e in es)
     change = Change(files=parse_diff(diff), tests=reports.get("tests"), lint=reports.get("lint"),
                     coverage=reports.get("coverage"))
-    return Case(kind, violation, spec, change, waivers, now, diff)
+    file_lines = sum(len(e.old) + len(e.new) for e in es)
+    return Case(kind, violation, spec, change, waivers, now, diff, file_lines)
 
 
 def _waiver_case(rng, spec, es, reports, budget, now, invalid):
@@ -203,8 +205,8 @@ def mistake(rng, case: Case, verdict: dict) -> dict:
         if b["status"] == "fail":  # counts only added lines of modified files
             kept = [f for f in files if f.status == "modified"]
             n, loc = len(kept), sum(f.added for f in kept)
-        else:  # counts every line of every touched file twice
-            n, loc = len(files) * 2, 2 * sum(f.added + f.removed for f in files) + tier["max_loc"]
+        else:  # counts whole files, before and after, instead of the lines changed
+            n, loc = len(files), case.file_lines
         _flip(b, f"{n} file(s), {loc} line(s) changed (limits {tier['max_files']} / {tier['max_loc']})",
               measured={**b["measured"], "files": n, "loc": loc})
     elif case.kind == "scope_violation":
