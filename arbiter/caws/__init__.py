@@ -64,6 +64,7 @@ EVIDENCE = (  # flag, evidence-manifest kind
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="mlx_student.caws_eval",
         description="Check one change against its CAWS working spec and policy: budgets by "
         "risk tier, scope globs, spec completeness, tests, lint, coverage, waivers.",
         epilog="Exit status: 0 PASS, 1 FAIL, 3 WAIVER_REQUIRED, 2 bad input. Make the inputs "

@@ -61,6 +61,7 @@ class DataError(ValueError):
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="mlx_student.judge_data",
         description="Make judge pairs: CAWS adjudication pairs over real stdlib diffs (labelled "
         "by the gate engine), corruption pairs from KD records, imported seed rows.",
         epilog="Rows: {id, scenario, prompt, a: {text, clauses}, b, winner, margin, source}; "
@@ -75,7 +76,7 @@ def build_parser():
     add("--out", "output folder")
     add("--num-pairs", "generated CAWS pairs (the six kinds in turn)", type=int)
     add("--seed", "seed of every random choice", type=int)
-    add("--source", "folder of .py files to edit (default: the stdlib, sysconfig)")
+    add("--source", "folder of .py files to edit; none: the installed standard library")
     add("--kd", "KD record files or folders ({train,valid,test}.jsonl with messages and "
         "completion); repeat for more", action="append")
     add("--kd-pairs", "corruption pairs at most, from the KD records", type=int)
