@@ -49,15 +49,20 @@ def atomic_dir(path):
         raise
 
 
-def write_json_atomic(path, obj):
-    """Write `obj` as indented JSON to `path` by temp file, fsync and rename (parents made);
-    values JSON cannot hold (paths, ...) are written as their str()."""
+def write_text_atomic(path, text: str):
+    """Write `text` to `path` by temp file, fsync and rename (parents made): a reader sees
+    the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    """Write `obj` as indented JSON to `path` atomically (`write_text_atomic`); values JSON
+    cannot hold (paths, ...) are written as their str()."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
