@@ -123,8 +123,9 @@ def test_killed_run_resumes_to_exactly_n_unique_records(
 
 def test_faults_lose_and_duplicate_nothing(tmp_path, proxy, teacher_dir, tokenizer, prompt_file):
     faults = ["500", "429", "drop", "hang", "500", "429"]
-    proxy.faults, proxy.retry_after, proxy.hang_s = list(faults), 1, 6.0
-    config = write_config(tmp_path, teacher_dir, prompt_file, proxy.url, timeout=5.0)
+    # the hang outlasts the timeout; the timeout is long enough for a real answer on a busy machine
+    proxy.faults, proxy.retry_after, proxy.hang_s = list(faults), 1, 14.0
+    config = write_config(tmp_path, teacher_dir, prompt_file, proxy.url, timeout=12.0)
     manifest = kd_mix.run(kd_mix.parse_args(["--config", str(config)]))
     check_folder(tmp_path / "kd", tokenizer, N)  # N unique records: none lost, none twice
     assert manifest["status"] == "complete" and manifest["last_run"]["failures"] == 0
