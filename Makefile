@@ -13,7 +13,7 @@ ARGS ?=
 
 .PHONY: help worker onnx-worker coreml-worker probes eval proc qat contextual-gen \
 	contextual-extract contextual-verify contextual-pipeline gen-scale-1k gen-scale-10k \
-	verify-scale-1k verify-scale-10k eval-runner-openai eval-runner-local
+	verify-scale-1k verify-scale-10k eval-runner-openai eval-runner-local caws-eval
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -76,3 +76,9 @@ eval-runner-openai:  ## tool-use eval of the model named MODEL at ENDPOINT over 
 
 eval-runner-local:  ## tool-use eval of the MLX model folder MODEL over IN, into OUT
 	$(BIN)/mlx_student.tooleval --model $(MODEL) --data $(IN) --out $(OUT) $(ARGS)
+
+caws-eval: CONFIG = configs/caws/arbiter_gate.yaml
+caws-eval: IN = change.diff
+caws-eval: OUT = runs/caws
+caws-eval:  ## CAWS verdict of the diff IN (git diff) against the working spec CONFIG into OUT; reports via ARGS (--junit --lint --coverage)
+	$(BIN)/mlx_student.caws_eval --spec $(CONFIG) --diff $(IN) --out $(OUT)/verdict.json $(ARGS)

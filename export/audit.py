@@ -1,4 +1,4 @@
-"""fp16 headroom audit (docs/architecture.md ANE rule 4), run on the fp32 mirror before conversion.
+"""fp16 headroom audit (docs/architecture.md ANE rule 4), on the fp32 mirror before conversion.
 
 A calibration batch goes through the mirror in fp32 while it records max |x| per tap:
   residual            the residual stream after every attention and MLP block

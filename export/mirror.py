@@ -8,8 +8,8 @@ the ANE likes, with one static-shape module per exported function.
 
 Same math as mlx_lm.models.llama: GQA, non-traditional RoPE, RMSNorm, SwiGLU, causal mask.
 Layout (docs/architecture.md ANE rule 7): activations are channels-first (1, C, 1, T) and
-every projection is a 1x1 conv2d over (out, in, 1, 1) weights. It traces and converts cleanly with
-coremltools 9 (every shape is a Python int fixed per function; tensor shapes are never read).
+every projection is a 1x1 conv2d over (out, in, 1, 1) weights. It traces and converts
+cleanly with coremltools 9 (every shape is a Python int fixed per function; tensor shapes are never read).
 Measured on the tiny config: a function converts in ~2.5-5 s to ~230 non-const MIL ops (17
 conv, 4 matmul), and with compute_precision fp16 no non-constant op produces fp32 (tests assert it).
 The KV cache of all layers is one tensor per K and V, (layers, kv_heads, head_dim, context):
