@@ -3,7 +3,8 @@
 
 Functions (docs/architecture.md ANE rules 1-3): for every enumerated context S, a
 `decode_ctx{S}` (one token at `position`) and a `prefill_{T}_ctx{S}` per prefill length T
-(T tokens at `position`); each reads and writes the fp16 states `k_cache` / `v_cache` of shape (layers, kv_heads, head_dim, S).
+(T tokens at `position`); each reads and writes the fp16 states `k_cache` / `v_cache` of
+shape (layers, kv_heads, head_dim, S).
 A decode per context is the smallest design that keeps every shape static: a state's shape is
 fixed per function, and a prefill must write the very state its decode reads, so prefill is
 enumerated per context too. Memory and attention cost then follow the context the app picks.
