@@ -25,6 +25,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
+from mlx_student.messages import calls_in_content
+
 
 class MLXEngine:
     """An mlx-lm model folder (a student checkpoint or any mlx-lm llama) run by MLX."""
@@ -95,8 +97,10 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt) -> List[int]:
 
 
 def chat_prompt(tokenizer: TokenizerWrapper, messages: list, tools: Optional[list] = None) -> List[int]:
-    """The chat template's tokens. A template that ignores `tools` (SmolLM2's does) gets them as
-    a system message, so the model sees the schema it must call."""
+    """The chat template's tokens for normalised `messages` (mlx_student.messages). A template
+    that ignores `tools` (SmolLM2's does) gets them as a system message, so the model sees the
+    schema it must call; one that ignores `tool_calls` sees earlier calls as their content."""
+    messages = calls_in_content(tokenizer, messages)
     plain = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if tools:
         with_tools = tokenizer.apply_chat_template(

@@ -25,6 +25,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from mlx_student.messages import MessageError, normalize_messages
+
 from .constrained import engine_vocab, json_schema_processor, tool_call_schema
 from .generate import GenerationParams, MLXEngine, chat_prompt, stream
 
@@ -60,15 +62,10 @@ def parse_request(body: dict, cfg: dict):
     """Validate an OpenAI chat request. Returns (messages, tools, params, schema, mode, stream)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise RequestError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
-                               f"messages[{i}].role")
-        if not isinstance(m.get("content", ""), (str, type(None))):
-            raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+    try:
+        messages = normalize_messages(body.get("messages"))
+    except MessageError as e:
+        raise RequestError(400, str(e), e.path)
     limit = cfg["max_tokens_limit"]
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number(body, key, min(cfg["default_max_tokens"], limit), 1, limit, int)

@@ -25,6 +25,8 @@ from typing import Optional
 
 import httpx
 
+from ..messages import normalize_messages
+
 RETRY_STATUS = {408, 409, 425, 429}
 # Teacher logprobs may round to slightly above 0 (mlx_student.data.MAX_LOGPROB).
 MAX_LOGPROB = 1e-4
@@ -156,6 +158,7 @@ class HTTPTeacher:
 
     def body(self, messages, tools=None, tool_choice=None) -> dict:
         a = self.args
+        messages = normalize_messages(messages, arguments="string")  # MessageError names the field
         body = {"model": a.model, "messages": messages, "temperature": a.temperature,
                 "top_p": a.top_p, "max_tokens": a.max_tokens, "stream": False}
         if tools:
