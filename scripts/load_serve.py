@@ -1,0 +1,145 @@
+"""Load check of mlx_student.serve: N concurrent chat requests on loopback, every one accounted for.
+
+    python scripts/load_serve.py                       # 256 at once against a tiny random student
+    python scripts/load_serve.py --model runs/pilot --requests 512 --max-queue 128
+    python scripts/load_serve.py --url http://127.0.0.1:8080   # a server already running
+
+Starts `python -m runtime.server` (a real process on a free loopback port) unless --url is
+given, opens --requests connections at once (all in flight together) and sorts every outcome:
+
+    answered  HTTP 200 with a completion
+    refused   HTTP 429/503 with a Retry-After header (the bounded queue was full)
+    errors    any other HTTP status (with a JSON error body)
+    dropped   no HTTP answer at all: reset, closed or timed-out connections (goal: 0)
+
+and prints the counts with p50 / p95 latency (seconds from send to the full answer). Bounded
+in count (--requests) and time (--timeout per request, --deadline for the whole run). Exits 1
+if any request was dropped.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def tiny_student() -> str:
+    """A random tiny student (configs/tiny.yaml, the teacher's tokenizer), built once."""
+    path = ROOT / "artifacts/load/tiny"
+    if not (path / "config.json").exists():
+        import mlx_student  # noqa: F401  (first: OpenBLAS on Linux)
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_student import model as student_model
+        from mlx_student.config import load_config
+
+        config = load_config(ROOT / "configs/tiny.yaml")
+        tokenizer = load_tokenizer(ROOT / "models/smollm2-135m-instruct")
+        student_model.save(path, student_model.build(config, seed=0), config, tokenizer)
+    return str(path)
+
+
+def start_server(model, max_queue, extra):
+    """The server as its own process on a free port; returns (process, base url)."""
+    cmd = [sys.executable, "-m", "runtime.server", "--model", model, "--port", "0",
+           "--max-queue", str(max_queue), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, env=env, cwd=ROOT)
+    line = proc.stdout.readline()
+    found = re.search(r"http://([\d.]+):(\d+)", line)
+    if not found:
+        proc.kill()
+        sys.exit(f"the server did not start: {line.strip() or 'no output'} (exit {proc.wait()})")
+    return proc, f"http://{found.group(1)}:{found.group(2)}"
+
+
+async def one(client, url, body, timeout):
+    tic = time.perf_counter()
+    try:
+        r = await client.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+    except httpx.HTTPError as e:
+        return "dropped", time.perf_counter() - tic, type(e).__name__
+    elapsed = time.perf_counter() - tic
+    if r.status_code == 200:
+        return ("answered" if r.json()["choices"] else "errors"), elapsed, None
+    if r.status_code in (429, 503) and r.headers.get("retry-after"):
+        return "refused", elapsed, r.headers["retry-after"]
+    return "errors", elapsed, f"HTTP {r.status_code}: {r.text[:120]}"
+
+
+async def load(url, n, max_tokens, timeout, deadline):
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits) as client:
+        bodies = [{"messages": [{"role": "user", "content": f"Request {i}: say something."}],
+                   "max_tokens": max_tokens, "temperature": 1.0, "seed": i} for i in range(n)]
+        tasks = [asyncio.ensure_future(one(client, url, b, timeout)) for b in bodies]
+        done, pending = await asyncio.wait(tasks, timeout=deadline)
+        for t in pending:
+            t.cancel()
+        return [t.result() for t in done] + [("dropped", deadline, "past the deadline")] * len(pending)
+
+
+def table(results, wall):
+    rows = []
+    for kind in ("answered", "refused", "errors", "dropped"):
+        times = np.array([t for k, t, _ in results if k == kind])
+        p50, p95 = (np.percentile(times, 50), np.percentile(times, 95)) if times.size else (np.nan, np.nan)
+        rows.append({"outcome": kind, "count": int(times.size), "p50_s": round(float(p50), 3),
+                     "p95_s": round(float(p95), 3)})
+    print(f"| outcome | count | p50 s | p95 s |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['outcome']} | {r['count']} | {r['p50_s']} | {r['p95_s']} |")
+    print(f"{len(results)} requests in {wall:.1f} s")
+    notes = sorted({str(note) for k, _, note in results if k in ("errors", "dropped") and note})
+    for note in notes[:5]:
+        print(f"  e.g. {note}")
+    return rows
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Concurrent-request load check of mlx_student.serve "
+                                            "(answered / refused / errors / dropped, p50 / p95 latency).")
+    p.add_argument("--model", help="model folder to serve (default: a random tiny student)")
+    p.add_argument("--url", help="an already running server (then --model and --max-queue are unused)")
+    p.add_argument("--requests", type=int, default=256, help="requests, all sent at once")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64, help="the started server's --max-queue")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole run")
+    p.add_argument("--json", help="also write the table here")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args.model or tiny_student(), args.max_queue, [])
+    try:
+        tic = time.perf_counter()
+        results = asyncio.run(load(url, args.requests, args.max_tokens, args.timeout, args.deadline))
+        wall = time.perf_counter() - tic
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    rows = table(results, wall)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"requests": args.requests, "wall_s": wall, "rows": rows}, indent=1))
+    return 1 if any(r["count"] for r in rows if r["outcome"] == "dropped") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
