@@ -343,6 +343,7 @@ def _message(text, mode, finish):
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="mlx_student.serve",
         description="OpenAI-compatible server for a student: /v1/chat/completions, /v1/completions, "
                     "/v1/models, /health. Requests beyond --max-queue get 503 with Retry-After.")
     p.add_argument("--model", required=True, help="mlx-lm model folder (a student checkpoint, with config.json)")
