@@ -45,6 +45,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from jinja2 import TemplateError
 from mlx_lm.sample_utils import make_logits_processors
 
 from .constrained import GrammarError, engine_vocab, json_schema_processor, schema_errors
@@ -223,6 +224,9 @@ class Handler(BaseHTTPRequestHandler):
                 prompt = chat_prompt(engine.tokenizer, request.messages, request.tools)
             else:
                 prompt = encode_prompt(engine.tokenizer, request.prompt)
+        except (ValueError, TemplateError) as e:  # e.g. a template that wants alternating roles
+            raise RequestError(400, f"the model's chat template refused the messages: {e}", "messages")
+        try:
             if request.schema is not None:
                 processors.append(json_schema_processor(engine.tokenizer, request.schema, self.server.n_vocab))
         except ValueError as e:

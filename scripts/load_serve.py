@@ -3,6 +3,7 @@
     python scripts/load_serve.py                       # 256 at once against a tiny random student
     python scripts/load_serve.py --model runs/pilot --requests 512 --max-queue 128
     python scripts/load_serve.py --url http://127.0.0.1:8080   # a server already running
+    python scripts/load_serve.py --peer                # then the same load on mlx_lm.server
 
 Starts `python -m runtime.server` (a real process on a free loopback port) unless --url is
 given, opens --requests connections at once (all in flight together) and sorts every outcome:
@@ -22,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +66,26 @@ def start_server(model, max_queue, extra):
     return proc, f"http://{found.group(1)}:{found.group(2)}"
 
 
+def start_peer(model):
+    """mlx_lm.server on the same model, on a free port, once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, tic = f"http://127.0.0.1:{port}", time.monotonic()
+    while time.monotonic() - tic < 300:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    sys.exit(f"mlx_lm.server did not start (exit {proc.poll()})")
+
+
 async def one(client, url, body, timeout):
     tic = time.perf_counter()
     try:
@@ -90,7 +112,8 @@ async def load(url, n, max_tokens, timeout, deadline):
         return [t.result() for t in done] + [("dropped", deadline, "past the deadline")] * len(pending)
 
 
-def table(results, wall):
+def table(results, wall, title):
+    print(f"\n{title}")
     rows = []
     for kind in ("answered", "refused", "errors", "dropped"):
         times = np.array([t for k, t, _ in results if k == kind])
@@ -117,16 +140,14 @@ def build_parser():
     p.add_argument("--max-queue", type=int, default=64, help="the started server's --max-queue")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole run")
-    p.add_argument("--json", help="also write the table here")
+    p.add_argument("--peer", action="store_true", help="then run the same load against mlx_lm.server")
+    p.add_argument("--json", help="also write the table(s) here")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args.model or tiny_student(), args.max_queue, [])
+def run(args, start, title):
+    """One load run against the server `start()` returns as (process or None, url)."""
+    proc, url = start()
     try:
         tic = time.perf_counter()
         results = asyncio.run(load(url, args.requests, args.max_tokens, args.timeout, args.deadline))
@@ -135,10 +156,26 @@ def main(argv=None):
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    rows = table(results, wall)
+    return {"server": title, "wall_s": wall, "rows": table(results, wall, title)}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    model = args.model or (None if args.url else tiny_student())
+    if args.url:
+        runs = [run(args, lambda: (None, args.url), args.url)]
+    else:
+        runs = [run(args, lambda: start_server(model, args.max_queue, []),
+                    f"mlx_student.serve --max-queue {args.max_queue}")]
+    if args.peer:
+        if model is None:
+            sys.exit("--peer needs --model (or no --url) to know what mlx_lm.server should load")
+        runs.append(run(args, lambda: start_peer(model), "mlx_lm.server"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"requests": args.requests, "wall_s": wall, "rows": rows}, indent=1))
-    return 1 if any(r["count"] for r in rows if r["outcome"] == "dropped") else 0
+        Path(args.json).write_text(json.dumps({"requests": args.requests, "runs": runs}, indent=1))
+    dropped = {r["server"]: next(x["count"] for x in r["rows"] if x["outcome"] == "dropped") for r in runs}
+    print("\ndropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    return 1 if dropped[runs[0]["server"]] else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import runtime.server as server_module
 from mlx_student.teacher.http import HTTPTeacher, HTTPTeacherArgs, align
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, encode_prompt, generate
+from runtime.openai_api import token_info
 from runtime.server import ChatServer
 from conftest import save_tiny
 
@@ -64,7 +65,7 @@ def test_chat_logprobs_match_the_model(client, engine):
     extra = [engine.tokenizer.eos_token_id] if expected.finish_reason == "stop" else []
     assert ids == expected.tokens + extra  # the EOS position closes a "stop", as in mlx_lm.server
     assert r.usage.completion_tokens == len(expected.tokens)
-    assert "".join(e.token for e in content[:len(expected.tokens)]) == choice.message.content
+    assert "".join(e.token for e in content[:len(expected.tokens)]).lstrip() == choice.message.content.lstrip()
     ref = reference_logprobs(engine, prompt, ids)
     # fp32 rounding: the cached incremental pass and the full pass sum in different orders;
     # each logit is a sum over hidden_size products, so |err| <~ hidden * eps * (1 + |value|).
@@ -95,11 +96,27 @@ def test_the_server_is_a_teacher_for_the_next_student(url, engine):
     assert ids[:len(expected.tokens)] == expected.tokens and len(topk) == len(ids)
 
 
-def test_stream_usage_and_n(client):
+def test_token_bytes_are_exact_where_text_is_not(tokenizer):
+    """A byte-level token may end inside a UTF-8 character: its text shows U+FFFD, its bytes
+    are the real ones, and the bytes of all tokens join to the text."""
+    text = "naïve 𝔘 café"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    infos = [token_info(tokenizer, i) for i in ids]
+    assert b"".join(bytes(i["bytes"]) for i in infos).decode("utf-8") == text
+    assert any("\ufffd" in i["token"] for i in infos)  # 𝔘 (4 bytes) is split across tokens
+
+
+def test_stream_usage_logprobs_and_n(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=9, temperature=1.0,
-                                                 seed=1, stream=True, stream_options={"include_usage": True}))
+                                                 seed=1, stream=True, stream_options={"include_usage": True},
+                                                 logprobs=True, top_logprobs=2))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
     assert chunks[-2].choices[0].finish_reason == "length"
+    entries = [e for c in chunks[:-1] if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == 9 and all(len(e.top_logprobs) == 2 for e in entries)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    # the detokenizer drops the first token's leading space (as mlx-lm's does)
+    assert b"".join(bytes(e.bytes) for e in entries).decode().lstrip() == streamed.lstrip()
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=HELLO, n=2)
     assert e.value.body["param"] == "n"
@@ -235,3 +252,23 @@ def test_serve_without_config_json_is_a_clear_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"--model {tmp_path / 'weights'}: no config.json in the folder" in p.stderr
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(engine):
+    import copy
+
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    hf = copy.deepcopy(engine.tokenizer._tokenizer)
+    hf.chat_template = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    server, url = start(MLXEngine(engine.model, TokenizerWrapper(hf)))
+    try:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={"max_tokens": 2, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert r.json()["error"]["message"] == ("the model's chat template refused the messages: "
+                                                "System role not supported")
+    finally:
+        server.shutdown()
+        server.server_close()
