@@ -272,3 +272,18 @@ def test_a_template_that_refuses_the_messages_is_a_400(engine):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_load_script_accounts_for_every_request(url, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("load_serve", ROOT / "scripts/load_serve.py")
+    load_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_serve)
+    out = tmp_path / "load.json"
+    assert load_serve.main(["--url", url, "--requests", "6", "--max-tokens", "2", "--json", str(out)]) == 0
+    rows = {r["outcome"]: r["count"] for r in json.loads(out.read_text())["runs"][0]["rows"]}
+    assert rows == {"answered": 6, "refused": 0, "errors": 0, "dropped": 0}
+    assert "| answered | 6 |" in capsys.readouterr().out
