@@ -6,6 +6,10 @@ the API returns one (`reasoning_content`, or `reasoning` as mlx_lm.server names 
 finish reason, the usage and, when asked for (`top_logprobs > 0`) and offered, the raw
 top-logprob lists of every generated token.
 
+Messages go out in OpenAI's wire shape (mlx_student.messages.normalize_messages with
+`arguments="string"`: null content is "", text parts joined, tool-call arguments JSON strings);
+a malformed message raises MessageError naming the field before any request is sent.
+
 Requests run at most `concurrency` at a time and at most `rpm` a minute; 429, 5xx, timeouts
 and dropped connections are retried with exponential backoff and full jitter, waiting what
 `Retry-After` asks for when the server sends it. Other statuses fail at once.
