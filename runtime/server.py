@@ -233,7 +233,10 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, str(e), "response_format" if request.mode == "json" else "tools")
         params = request.params
         draft = self.server.draft if not processors and params.temperature == 0 else None
-        steps = lambda: stream(engine, prompt, params, processors or None, draft=draft)  # noqa: E731
+
+        def steps():
+            return stream(engine, prompt, params, processors or None, draft=draft)
+
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.server.model_name}
         with self.server.turn():

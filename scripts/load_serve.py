@@ -120,7 +120,7 @@ def table(results, wall, title):
         p50, p95 = (np.percentile(times, 50), np.percentile(times, 95)) if times.size else (np.nan, np.nan)
         rows.append({"outcome": kind, "count": int(times.size), "p50_s": round(float(p50), 3),
                      "p95_s": round(float(p95), 3)})
-    print(f"| outcome | count | p50 s | p95 s |\n|---|---:|---:|---:|")
+    print("| outcome | count | p50 s | p95 s |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['outcome']} | {r['count']} | {r['p50_s']} | {r['p95_s']} |")
     print(f"{len(results)} requests in {wall:.1f} s")
