@@ -14,6 +14,12 @@ and every later record must have that format's keys:
   list goes to the chat template.
 * ``tools``: ``{"messages": [...], "tools": [...]}``, the same as ``chat``.
 
+  Messages go through ``mlx_student.messages.normalize_messages`` (the server's and the
+  HTTP teacher's normaliser): null assistant content is ``""``, lists of text parts are
+  joined, ``tool_calls[j].function.arguments`` (a JSON string or an object) becomes the
+  object chat templates read, invalid arguments are refused naming the field; a template
+  that does not show ``tool_calls`` gets the calls as the turn's content.
+
   Process supervision: a ``chat`` or ``tools`` record with ``"spans"`` (the tool-use
   traces of ``mlx_student.tools``) has EVERY assistant turn in the loss, and each span
   ``{"type": "tool_name" | "arguments" | "integration", "byte_start", "byte_end",
@@ -45,6 +51,8 @@ from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+
+from .messages import MessageError, calls_in_content, normalize_messages
 
 SPLITS = ("train", "valid", "test")
 PAD_TO = 32
@@ -146,18 +154,12 @@ def _detect_format(record):
     raise _BadLine(f"unknown format with keys {sorted(record)}; expected keys ({formats})")
 
 
-def _messages(record, last_is_assistant):
-    messages = _expect(record["messages"], list, "messages", "a list of messages")
-    if not messages:
-        raise _BadLine("field 'messages': the list is empty")
-    for i, m in enumerate(messages):
-        _expect(m, dict, f"messages[{i}]", "an object with 'role' and 'content'")
-        missing = [k for k in ("role", "content") if k not in m]
-        if missing:
-            raise _BadLine(f"field 'messages[{i}]': missing key(s) {missing}")
-        _expect(m["role"], str, f"messages[{i}].role", "a string")
-        if not (m["content"] is None and "tool_calls" in m):
-            _expect(m["content"], str, f"messages[{i}].content", "a string")
+def _messages(record, last_is_assistant, tokenizer):
+    """The record's messages normalised (mlx_student.messages) for the tokenizer's template."""
+    try:
+        messages = normalize_messages(record["messages"])
+    except MessageError as e:
+        raise _BadLine(f"field {e.path!r}: {e.problem}") from None
     role = messages[-1]["role"]
     if last_is_assistant and role != "assistant":
         raise _BadLine(
@@ -168,7 +170,7 @@ def _messages(record, last_is_assistant):
     tools = record.get("tools")
     if tools is not None:
         _expect(tools, list, "tools", "a list")
-    return messages, tools
+    return calls_in_content(tokenizer, messages), tools
 
 
 def _template(tokenizer, messages, tools, add_generation_prompt):
@@ -309,7 +311,7 @@ def _tokenize(record, fmt, tokenizer, vocab_size, weights=None):
         prompt_len = len(tokens)
         tokens += tokenizer.encode(completion, add_special_tokens=False) + [eos]
     elif fmt in ("chat", "tools"):
-        messages, tools = _messages(record, last_is_assistant=True)
+        messages, tools = _messages(record, last_is_assistant=True, tokenizer=tokenizer)
         prompt = _template(tokenizer, messages[:-1], tools, True)
         tokens = _template(tokenizer, messages, tools, False)
         # Templates that render earlier turns differently once the last one follows
@@ -321,7 +323,7 @@ def _tokenize(record, fmt, tokenizer, vocab_size, weights=None):
             token_weights = _span_weights(record["spans"], offsets, mask, weights or process_weights())
             prompt_len = int(np.argmax(mask > 0))
     else:  # kd
-        messages, tools = _messages(record, last_is_assistant=False)
+        messages, tools = _messages(record, last_is_assistant=False, tokenizer=tokenizer)
         text = _expect(record["completion"], str, "completion", "a string")
         finish = _expect(
             record["finish_reason"], (str, type(None)), "finish_reason", "a string or null"

@@ -15,6 +15,15 @@ json.loads rejects); schema compile 6 ms vs 183 ms; mask fill per token about th
 
 Defaults: no free whitespace between tokens (`whitespace_flexible: False`), as with xgrammar's
 any_whitespace=False: with it, a weak model can wander in whitespace forever.
+
+What is and is not enforced: llguidance itself refuses keywords it does not implement
+(`not`, `if`/`then`, `uniqueItems`, `contains`, `propertyNames`, `dependentRequired`,
+`unevaluatedProperties`, `oneOf` ...). `NOT_ENFORCED` lists the ones it accepts but that let
+invalid documents through (issue 19: `patternProperties` with `additionalProperties: false`
+ended generations in a state where only EOS was allowed, 4 of 8 seeds); `check_schema`
+refuses those and invalid schemas up front, naming the keyword. The grammar is a guarantee
+only as good as its engine, so callers also validate the finished document with jsonschema
+(`schema_errors`) before calling it done.
 """
 
 import json
@@ -56,15 +65,79 @@ def tool_call_schema(tools: list) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
+NOT_ENFORCED = {
+    "patternProperties": "list the properties under 'properties' instead",
+}
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+              "propertyNames", "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _keywords(schema, path="$"):
+    """(keyword, path) of every keyword of `schema` and its subschemas (not property names)."""
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        yield key, path
+        if key in _SUBSCHEMA and isinstance(value, dict):
+            yield from _keywords(value, f"{path}.{key}")
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                yield from _keywords(sub, f"{path}.{key}[{i}]")
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from _keywords(sub, f"{path}.{key}.{name}")
+
+
+def check_schema(schema: dict) -> None:
+    """Raise ValueError if `schema` is not a valid JSON Schema (jsonschema's meta-schema check)
+    or uses a keyword of NOT_ENFORCED; the message names the keyword and where it is."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.path)
+        raise ValueError(f"not a valid JSON Schema at {where}: {e.message}") from None
+    for key, path in _keywords(schema):
+        if key in NOT_ENFORCED:
+            raise ValueError(f"the schema uses {key!r} (at {path}), which the grammar engine cannot "
+                             f"enforce; {NOT_ENFORCED[key]}")
+
+
+def schema_errors(text: str, schema: dict) -> Optional[str]:
+    """None if `text` is one JSON document valid under `schema`, else what is wrong with it
+    (the first violation, with its JSON path)."""
+    import jsonschema
+
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(document))
+    return None if error is None else f"{error.json_path}: {error.message}"
+
+
 def compile_schema(schema, whitespace_flexible: bool = False) -> str:
-    """The llguidance grammar for a JSON schema (dict or string). Raises ValueError if invalid."""
+    """The llguidance grammar for a JSON schema (dict or string). Raises ValueError if invalid
+    or if it uses a keyword the engine does not enforce (`check_schema`)."""
     from llguidance import LLMatcher
 
+    if isinstance(schema, str):
+        schema = json.loads(schema)
+    check_schema(schema)
     grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": whitespace_flexible})
     error = LLMatcher.validate_grammar(grammar)
     if error:
         raise ValueError(f"unsupported JSON schema: {error}")
     return grammar
+
+
+class GrammarError(RuntimeError):
+    """The grammar matcher refused a sampled token (its engine and mask disagree)."""
 
 
 def _unpack(bitmask: mx.array, n: int) -> mx.array:
@@ -110,7 +183,7 @@ class GrammarProcessor:
             for t in new:
                 self.tokens.append(t)
                 if not self.matcher.consume_token(t):
-                    raise RuntimeError(f"grammar rejected token {t}: {self.matcher.get_error()}")
+                    raise GrammarError(f"grammar rejected token {t}: {self.matcher.get_error()}")
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
         allowed = _unpack(mx.array(self.bitmask), logits.shape[-1])
         out = mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))

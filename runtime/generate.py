@@ -14,6 +14,7 @@ the logits processors are mlx-lm's own and every engine shares them. MLXEngine (
 mlx-lm model folder; CoreMLEngine (runtime/coreml_engine.py) the exported multifunction package.
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -24,6 +25,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
+
+from mlx_student.messages import calls_in_content
 
 
 class MLXEngine:
@@ -68,6 +71,8 @@ class GenerationParams:
     stop: Sequence[str] = ()
     time_limit_s: Optional[float] = None  # wall-clock budget; finish_reason "length" when hit
     num_draft_tokens: int = 3  # used only when a drafter is given
+    logprobs: bool = False  # report each generated token's log-probability (Response.logprobs)
+    top_logprobs: int = 0  # ... and the `top_logprobs` likeliest alternatives at its position
 
 
 @dataclass
@@ -85,6 +90,11 @@ class Response:
     decode_tps: float = 0.0
     tokens: List[int] = field(default_factory=list)  # all generated ids, on the last response
     draft_flags: List[bool] = field(default_factory=list)  # per token: proposed by the drafter
+    # With params.logprobs: (id, logprob, [(id, logprob), ...] top alternatives likeliest first)
+    # of each token sampled since the previous Response; the last Response also carries the
+    # end-of-sequence token's entry when generation stopped on it (as mlx_lm.server reports).
+    # Log-probabilities are of the distribution after logits processors, before temperature.
+    logprobs: List[tuple] = field(default_factory=list)
 
 
 def encode_prompt(tokenizer: TokenizerWrapper, prompt) -> List[int]:
@@ -95,8 +105,10 @@ def encode_prompt(tokenizer: TokenizerWrapper, prompt) -> List[int]:
 
 
 def chat_prompt(tokenizer: TokenizerWrapper, messages: list, tools: Optional[list] = None) -> List[int]:
-    """The chat template's tokens. A template that ignores `tools` (SmolLM2's does) gets them as
-    a system message, so the model sees the schema it must call."""
+    """The chat template's tokens for normalised `messages` (mlx_student.messages). A template
+    that ignores `tools` (SmolLM2's does) gets them as a system message, so the model sees the
+    schema it must call; one that ignores `tool_calls` sees earlier calls as their content."""
+    messages = calls_in_content(tokenizer, messages)
     plain = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if tools:
         with_tools = tokenizer.apply_chat_template(
@@ -169,12 +181,15 @@ def stream(
     decode_tic = tic
     module = getattr(engine, "model", None)
     ctx = wired_limit(module, [generation_stream]) if module is not None else _null()
+    entries, given = [], 0
     with ctx:
-        for n, (token, _, from_draft) in enumerate(steps):
+        for n, (token, logprobs, from_draft) in enumerate(steps):
             token = int(token)
             if n == 0:
                 ttft = time.perf_counter() - tic
                 decode_tic = time.perf_counter()
+            if p.logprobs:
+                entries.append(_logprob_entry(token, logprobs, p.top_logprobs))
             if token in eos:
                 finish = "stop"
                 break
@@ -196,8 +211,9 @@ def stream(
                 break
             if safe > sent:
                 yield Response(text[sent:safe], token, from_draft=from_draft,
-                               prompt_tokens=len(ids), generation_tokens=len(tokens))
-                sent = safe
+                               prompt_tokens=len(ids), generation_tokens=len(tokens),
+                               logprobs=entries[given:])
+                sent, given = safe, len(entries)
         steps.close()
     if finish == "length":
         detok.finalize()
@@ -210,7 +226,18 @@ def stream(
     yield Response(text[sent:], tokens[-1] if tokens else None, finish, prompt_tokens=len(ids),
                    generation_tokens=len(tokens), ttft_s=ttft,
                    decode_tps=(len(tokens) - 1) / elapsed if len(tokens) > 1 and elapsed > 0 else 0.0,
-                   tokens=tokens, draft_flags=flags)
+                   tokens=tokens, draft_flags=flags, logprobs=entries[given:])
+
+
+def _logprob_entry(token: int, logprobs: mx.array, top: int) -> tuple:
+    """(token, its logprob, [(id, logprob)] of the `top` likeliest, likeliest first); ids a
+    logits processor masked out (-inf) are left out of the alternatives."""
+    alternatives = []
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        pairs = zip(ids.tolist(), logprobs[ids].tolist())
+        alternatives = sorted(((i, v) for i, v in pairs if v != -math.inf), key=lambda t: (-t[1], t[0]))
+    return token, logprobs[token].item(), alternatives
 
 
 class _null:
@@ -222,9 +249,10 @@ class _null:
 
 
 def generate(engine, prompt, params: Optional[GenerationParams] = None, **kwargs) -> Response:
-    """The whole completion as one Response (text, tokens, finish_reason, stats)."""
-    text, last = "", None
+    """The whole completion as one Response (text, tokens, finish_reason, stats, logprobs)."""
+    text, entries, last = "", [], None
     for last in stream(engine, prompt, params, **kwargs):
         text += last.text
-    last.text = text
+        entries += last.logprobs
+    last.text, last.logprobs = text, entries
     return last

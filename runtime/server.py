@@ -1,13 +1,27 @@
-"""An OpenAI-compatible chat server over one engine:
+"""An OpenAI-compatible server over one engine:
 
     mlx_student.serve --model runs/pilot [--port 8080] [--draft-model PATH]
     MLX_STUDENT_API_KEY=secret mlx_student.serve --model runs/pilot      # require a bearer token
 
 POST /v1/chat/completions (streaming as SSE or not; `tools` + `tool_choice`; `response_format`
-json_schema / json_object), GET /v1/models, GET /health. Binds 127.0.0.1 unless told otherwise.
-Limits: request body bytes (413), max_tokens (400 above the server's limit), wall-clock time per
-request (finish_reason "length" when hit). Errors are OpenAI-shaped:
-{"error": {"message", "type", "param", "code"}}.
+json_schema / json_object; `logprobs` + `top_logprobs`; `stream_options.include_usage`),
+POST /v1/completions (a prompt string or token ids), GET /v1/models, GET /health. Binds
+127.0.0.1 unless told otherwise. The request contract (every parameter checked, unknown ones
+refused by name) is runtime/openai_api.py; messages go through mlx_student.messages.
+
+Every connection gets an answer, and every failure is an OpenAI-shaped JSON error
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request (naming the parameter),
+401, 404, 411, 413, 503 with `Retry-After` when the bounded queue is full (`max_queue`
+requests admitted, generating or waiting) or a request waited longer than `queue_timeout`,
+500 for a failure of the server itself (logged with its traceback). A stream that fails after
+its headers ends with an SSE `data: {"error": ...}` event (the openai client raises it).
+Limits: request body bytes (413), max_tokens (400 above the server's limit), wall-clock time
+of generation per request (finish_reason "length" when hit).
+
+Constrained output (tools, response_format) is validated against its schema with jsonschema
+before it is reported finished: a document that fails is never `finish_reason: "stop"`, but a
+500 `invalid_constrained_output` error (in a stream: the error event instead of the finish
+chunk). A document cut by max_tokens or the time limit is `finish_reason: "length"`.
 
 Tool calls: with `tools` and tool_choice other than "none" the reply is constrained to one call
 {"name", "arguments"} of the offered tools (tool_choice "auto" is treated as "required": a small
@@ -19,14 +33,24 @@ shared across threads); the HTTP layer is the standard library's, as in mlx_lm.s
 import argparse
 import hmac
 import json
+import math
 import os
+import sys
 import threading
 import time
+import traceback
 import uuid
+from contextlib import contextmanager
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from .constrained import engine_vocab, json_schema_processor, tool_call_schema
-from .generate import GenerationParams, MLXEngine, chat_prompt, stream
+from jinja2 import TemplateError
+from mlx_lm.sample_utils import make_logits_processors
+
+from .constrained import GrammarError, engine_vocab, json_schema_processor, schema_errors
+from .generate import MLXEngine, chat_prompt, encode_prompt, stream
+from .openai_api import RequestError, chat_logprobs, completion_logprobs, parse_chat, parse_completion
 
 DEFAULTS = {
     "host": "127.0.0.1",
@@ -36,104 +60,62 @@ DEFAULTS = {
     "max_request_bytes": 1_000_000,
     "time_limit": 120.0,  # seconds of generation per request
     "num_draft_tokens": 3,
+    "max_queue": 64,  # requests admitted at once (1 generating, the rest waiting); more: 503
+    "queue_timeout": 300.0,  # seconds a request may wait for its turn; longer: 503
 }
-
-
-class RequestError(Exception):
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def _number(body, key, default, lo, hi, cast=float):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (cast is int and int(v) != v):
-        raise RequestError(400, f"'{key}' must be a {'integer' if cast is int else 'number'}", key)
-    if not lo <= v <= hi:
-        raise RequestError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return cast(v)
-
-
-def parse_request(body: dict, cfg: dict):
-    """Validate an OpenAI chat request. Returns (messages, tools, params, schema, mode, stream)."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise RequestError(400, f"messages[{i}] needs a role of system, user, assistant or tool",
-                               f"messages[{i}].role")
-        if not isinstance(m.get("content", ""), (str, type(None))):
-            raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-    limit = cfg["max_tokens_limit"]
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number(body, key, min(cfg["default_max_tokens"], limit), 1, limit, int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-        raise RequestError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
-    params = GenerationParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-        top_k=_number(body, "top_k", 0, 0, 1 << 20, int),
-        seed=_number(body, "seed", None, 0, 2**63 - 1, int),
-        stop=stop, time_limit_s=cfg["time_limit"], num_draft_tokens=cfg["num_draft_tokens"])
-
-    schema, mode = None, "text"
-    tools = body.get("tools") or None
-    choice = body.get("tool_choice", "auto")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise RequestError(400, "'tools' must be a list of objects", "tools")
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-            tools = [t for t in tools if t.get("function", t).get("name") == name]
-            if not tools:
-                raise RequestError(400, f"tool_choice names an unknown tool {name!r}", "tool_choice")
-        elif choice not in ("auto", "required", "none"):
-            raise RequestError(400, "tool_choice must be none, auto, required or a function", "tool_choice")
-        if choice != "none":
-            try:
-                schema, mode = tool_call_schema(tools), "tool"
-            except (ValueError, AttributeError) as e:
-                raise RequestError(400, f"bad tools: {e}", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and mode == "text":
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind == "json_schema":
-            js = fmt.get("json_schema") or {}
-            if not isinstance(js.get("schema"), dict):
-                raise RequestError(400, "response_format.json_schema.schema must be an object",
-                                   "response_format")
-            schema, mode = js["schema"], "json"
-        elif kind == "json_object":
-            schema, mode = {"type": "object"}, "json"
-        elif kind != "text":
-            raise RequestError(400, "response_format.type must be text, json_object or json_schema",
-                               "response_format")
-    stream_ = body.get("stream", False)
-    if not isinstance(stream_, bool):
-        raise RequestError(400, "'stream' must be a boolean", "stream")
-    return messages, tools if mode == "tool" else None, params, schema, mode, stream_
+CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
+COMPLETION_ROUTES = ("/v1/completions", "/completions")
 
 
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: connections wait for accept, not reset
 
     def __init__(self, engine, cfg: dict, api_key=None, draft=None, model_name=None):
         self.engine, self.cfg, self.api_key, self.draft = engine, {**DEFAULTS, **cfg}, api_key, draft
         self.model_name = model_name or os.path.basename(str(getattr(engine, "path", "") or "model"))
-        self.lock = threading.Lock()
+        self.n_vocab = engine_vocab(engine) or len(getattr(engine.tokenizer, "_tokenizer", engine.tokenizer))
+        self.lock = threading.Lock()  # one generation at a time
+        self.state = threading.Lock()
+        self.pending = 0  # admitted requests, generating or waiting
+        self.seconds_per_request = 1.0  # moving average of generation time, for Retry-After
         super().__init__((self.cfg["host"], self.cfg["port"]), Handler)
+
+    @contextmanager
+    def turn(self):
+        """Admit one request to the bounded queue and hold the engine for it; RequestError 503
+        (with a Retry-After estimate) when the queue is full or the wait too long."""
+        with self.state:
+            if self.pending >= self.cfg["max_queue"]:
+                raise self._busy(f"the server is busy ({self.pending} requests queued)")
+            self.pending += 1
+        try:
+            if not self.lock.acquire(timeout=self.cfg["queue_timeout"]):
+                raise self._busy(f"waited {self.cfg['queue_timeout']:.0f} s for a turn")
+            try:
+                tic = time.perf_counter()
+                yield
+            finally:
+                self.seconds_per_request += 0.2 * (time.perf_counter() - tic - self.seconds_per_request)
+                self.lock.release()
+        finally:
+            with self.state:
+                self.pending -= 1
+
+    def _busy(self, why):
+        e = RequestError(503, f"{why}; retry later", code="server_overloaded", kind="server_error")
+        e.retry_after = max(1, math.ceil(self.seconds_per_request * self.pending))
+        return e
+
+
+class OutputError(Exception):
+    """Constrained output that does not meet its schema (the grammar engine failed)."""
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # a garbled request line still gets a status line
+    timeout = 120  # seconds a socket may stall (a body that never comes, an idle keep-alive)
     server: ChatServer
 
     def log_message(self, fmt, *args):  # quiet; one line per request at most
@@ -143,6 +125,7 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status, obj, headers=()):
         data = json.dumps(obj).encode()
         self.send_response(status)
+        self.sent_headers = True
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for k, v in headers:
@@ -152,11 +135,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: RequestError):
         headers = [("WWW-Authenticate", "Bearer")] if e.status == 401 else []
-        if e.status in (411, 413):
+        if getattr(e, "retry_after", None):
+            headers.append(("Retry-After", str(e.retry_after)))
+        if e.status in (408, 411, 413):
             headers.append(("Connection", "close"))
             self.close_connection = True
-        self._json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                        "code": e.code}}, headers)
+        self._json(e.status, _error_body(e), headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a malformed request line, an unsupported
+        method, headers too long) as JSON errors too."""
+        self.close_connection = True
+        try:
+            self._json(code, {"error": {"message": message or HTTPStatus(code).phrase,
+                                        "type": "invalid_request_error", "param": None, "code": None}},
+                       [("Connection", "close")])
+        except OSError:
+            pass
 
     def _authorize(self):
         if self.server.api_key is None:
@@ -166,128 +161,248 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(401, "missing or wrong bearer token", code="invalid_api_key",
                                kind="authentication_error")
 
-    def do_GET(self):
+    def _guarded(self, work):
+        """Run `work`, answering every failure: RequestError as itself, anything else as a 500
+        (or, once a stream has begun, an SSE error event); the traceback goes to stderr."""
+        self.sent_headers = False
         try:
-            self._authorize()
-            if self.path == "/health":
-                return self._json(200, {"status": "ok"})
-            if self.path == "/v1/models":
-                return self._json(200, {"object": "list", "data": [
-                    {"id": self.server.model_name, "object": "model", "owned_by": "mlx-student"}]})
-            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+            work()
         except RequestError as e:
-            self._error(e)
+            if not self.sent_headers:
+                self._error(e)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away or stalled
+        except Exception as e:  # noqa: BLE001  (the server's own failure: answer, log, go on)
+            print(f"mlx_student.serve: {self.command} {self.path} failed:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            error = RequestError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error",
+                                 code="invalid_constrained_output" if isinstance(e, (OutputError, GrammarError)) else None)
+            try:
+                if not self.sent_headers:
+                    self._error(error)
+                else:
+                    self.wfile.write(f"data: {json.dumps(_error_body(error))}\n\ndata: [DONE]\n\n".encode())
+                    self.close_connection = True
+            except OSError:
+                self.close_connection = True
+
+    def do_GET(self):
+        self._guarded(self._get)
+
+    def _get(self):
+        self._authorize()
+        if self.path == "/health":
+            return self._json(200, {"status": "ok"})
+        if self.path in ("/v1/models", "/models"):
+            return self._json(200, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "owned_by": "mlx-student"}]})
+        raise RequestError(404, f"no route {self.path}", kind="not_found_error")
 
     def do_POST(self):
-        try:
-            self._authorize()
-            if self.path not in ("/v1/chat/completions", "/chat/completions"):
-                raise RequestError(404, f"no route {self.path}", kind="not_found_error")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise RequestError(411, "Content-Length required")
-            if int(length) > self.server.cfg["max_request_bytes"]:
-                raise RequestError(413, f"request body over {self.server.cfg['max_request_bytes']} bytes",
-                                   code="request_too_large")
-            try:
-                body = json.loads(self.rfile.read(int(length)))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"invalid JSON: {e}")
-            request = parse_request(body, self.server.cfg)
-            self._complete(*request)
-        except RequestError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away mid-stream
+        self._guarded(self._post)
 
-    def _complete(self, messages, tools, params, schema, mode, streaming):
+    def _post(self):
+        self._authorize()
+        if self.path not in CHAT_ROUTES + COMPLETION_ROUTES:
+            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError(411, "Content-Length required")
+        if int(length) > self.server.cfg["max_request_bytes"]:
+            raise RequestError(413, f"request body over {self.server.cfg['max_request_bytes']} bytes",
+                               code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"invalid JSON: {e}")
+        chat = self.path in CHAT_ROUTES
+        request = (parse_chat if chat else parse_completion)(body, self.server.cfg, self.server.n_vocab)
         engine = self.server.engine
+        processors = make_logits_processors(**request.processor_args)
         try:
-            prompt = chat_prompt(engine.tokenizer, messages, tools)
-            processors = [json_schema_processor(engine.tokenizer, schema, engine_vocab(engine))] if schema else None
+            if chat:
+                prompt = chat_prompt(engine.tokenizer, request.messages, request.tools)
+            else:
+                prompt = encode_prompt(engine.tokenizer, request.prompt)
+        except (ValueError, TemplateError) as e:  # e.g. a template that wants alternating roles
+            raise RequestError(400, f"the model's chat template refused the messages: {e}", "messages")
+        try:
+            if request.schema is not None:
+                processors.append(json_schema_processor(engine.tokenizer, request.schema, self.server.n_vocab))
         except ValueError as e:
-            raise RequestError(400, str(e), "response_format" if mode == "json" else "tools")
-        draft = self.server.draft if processors is None and params.temperature == 0 else None
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "created": created, "model": self.server.model_name}
-        with self.server.lock:
-            if not streaming:
-                text, last = "", None
-                for last in stream(engine, prompt, params, processors, draft=draft):
-                    text += last.text
-                message, finish = _message(text, mode, last.finish_reason)
-                usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
-                         "total_tokens": last.prompt_tokens + last.generation_tokens}
-                return self._json(200, {**head, "object": "chat.completion", "choices": [
-                    {"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+            raise RequestError(400, str(e), "response_format" if request.mode == "json" else "tools")
+        params = request.params
+        draft = self.server.draft if not processors and params.temperature == 0 else None
 
-            def send(delta, finish=None):
-                chunk = {**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
+        def steps():
+            return stream(engine, prompt, params, processors or None, draft=draft)
 
-            send({"role": "assistant", "content": ""})
-            text = ""
-            for r in stream(engine, prompt, params, processors, draft=draft):
-                text += r.text
-                if mode != "tool" and r.text:
-                    send({"content": r.text})
-                if r.finish_reason:
-                    message, finish = _message(text, mode, r.finish_reason)
-                    if mode == "tool" and message.get("tool_calls"):
-                        calls = [{"index": 0, **c} for c in message["tool_calls"]]
-                        send({"tool_calls": calls})
-                    elif mode == "tool":
-                        send({"content": text})
-                    send({}, finish)
-            self.wfile.write(b"data: [DONE]\n\n")
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.server.model_name}
+        with self.server.turn():
+            if request.stream:
+                self._stream(request, steps, head, chat)
+            else:
+                self._whole(request, steps, head, chat)
+
+    def _whole(self, request, steps, head, chat):
+        text, entries, last = "", [], None
+        for last in steps():
+            text += last.text
+            entries += last.logprobs
+        finish = _checked_finish(text, request, last.finish_reason)
+        tokenizer = self.server.engine.tokenizer
+        if chat:
+            choice = {"index": 0, "message": _message(text, request.mode, finish), "finish_reason": finish,
+                      "logprobs": chat_logprobs(tokenizer, entries) if request.params.logprobs else None}
+            if choice["message"].get("tool_calls"):
+                choice["finish_reason"] = "tool_calls"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish,
+                      "logprobs": completion_logprobs(tokenizer, entries) if request.params.logprobs else None}
+        self._json(200, {**head, "object": "chat.completion" if chat else "text_completion",
+                         "choices": [choice], "usage": _usage(last)})
+
+    def _stream(self, request, steps, head, chat):
+        self.send_response(200)
+        self.sent_headers = True
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        tokenizer, logprobs = self.server.engine.tokenizer, request.params.logprobs
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def send(payload, choices=True):
+            chunk = {**head, "object": kind, **({"choices": [{"index": 0, **payload}]} if choices else payload)}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
+
+        def piece(text, entries, finish=None):
+            if chat:
+                delta = {"content": text} if text else {}
+                send({"delta": delta, "finish_reason": finish,
+                      "logprobs": chat_logprobs(tokenizer, entries) if logprobs else None})
+            else:
+                send({"text": text, "finish_reason": finish,
+                      "logprobs": completion_logprobs(tokenizer, entries, offset) if logprobs else None})
+
+        if chat:
+            send({"delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None})
+        text, offset, held = "", 0, []  # held: tool mode's logprobs, sent with the call
+        for r in steps():
+            text += r.text
+            if request.mode == "tool":
+                held += r.logprobs
+            if r.finish_reason:
+                break
+            if request.mode != "tool" and (r.text or r.logprobs):
+                piece(r.text, r.logprobs)
+                offset += len(r.text)
+        finish = _checked_finish(text, request, r.finish_reason)
+        if request.mode == "tool":
+            message = _message(text, request.mode, finish)
+            if message.get("tool_calls"):
+                calls = [{"index": 0, **c} for c in message["tool_calls"]]
+                send({"delta": {"tool_calls": calls}, "finish_reason": None,
+                      "logprobs": chat_logprobs(tokenizer, held) if logprobs else None})
+                piece("", [], "tool_calls")
+            else:
+                piece(text, held, finish)
+        else:
+            piece(r.text, r.logprobs, finish)
+        if request.include_usage:
+            send({"choices": [], "usage": _usage(r)}, choices=False)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def _usage(last):
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.generation_tokens,
+            "total_tokens": last.prompt_tokens + last.generation_tokens}
+
+
+def _error_body(e: RequestError) -> dict:
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+
+
+def _checked_finish(text, request, finish):
+    """The finish reason of a finished generation; constrained output that claims to be done
+    ("stop") must be a document valid under its schema, else OutputError."""
+    if request.schema is None or finish != "stop":
+        return finish
+    problem = schema_errors(text, request.schema)
+    if problem:
+        raise OutputError(f"the constrained output does not match the requested schema ({problem}); "
+                          f"output: {text[:200]!r}")
+    return finish
 
 
 def _message(text, mode, finish):
-    if mode == "tool":
-        try:
-            call = json.loads(text)
-            return {"role": "assistant", "content": None, "tool_calls": [{
-                "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]}, "tool_calls"
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # cut by max_tokens or the time limit: hand back what there is
-    return {"role": "assistant", "content": text}, finish
+    if mode == "tool" and finish == "stop":  # valid: _checked_finish has seen it
+        call = json.loads(text)
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]}
+    return {"role": "assistant", "content": text}  # text, or a call cut by max_tokens / time
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="OpenAI-compatible chat server for a student.")
-    p.add_argument("--model", required=True, help="mlx-lm model folder (a student checkpoint)")
+    p = argparse.ArgumentParser(
+        prog="mlx_student.serve",
+        description="OpenAI-compatible server for a student: /v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health. Requests beyond --max-queue get 503 with Retry-After.")
+    p.add_argument("--model", required=True, help="mlx-lm model folder (a student checkpoint, with config.json)")
     p.add_argument("--draft-model", help="drafter folder for speculative decoding (greedy requests)")
     p.add_argument("--host", default=DEFAULTS["host"])
     p.add_argument("--port", type=int, default=DEFAULTS["port"])
-    p.add_argument("--max-tokens-limit", type=int, default=DEFAULTS["max_tokens_limit"])
+    p.add_argument("--max-tokens-limit", type=int, default=DEFAULTS["max_tokens_limit"],
+                   help="largest max_tokens a request may ask for (more: 400)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULTS["default_max_tokens"])
     p.add_argument("--max-request-bytes", type=int, default=DEFAULTS["max_request_bytes"])
-    p.add_argument("--time-limit", type=float, default=DEFAULTS["time_limit"])
+    p.add_argument("--time-limit", type=float, default=DEFAULTS["time_limit"],
+                   help="seconds of generation per request (then finish_reason 'length')")
     p.add_argument("--num-draft-tokens", type=int, default=DEFAULTS["num_draft_tokens"])
+    p.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"],
+                   help="requests admitted at once, generating or waiting; more get 503 + Retry-After")
+    p.add_argument("--queue-timeout", type=float, default=DEFAULTS["queue_timeout"],
+                   help="seconds a request may wait for its turn (then 503 + Retry-After)")
     p.add_argument("--api-key-env", default="MLX_STUDENT_API_KEY",
                    help="environment variable holding the bearer token (unset: no auth)")
     return p
 
 
+def _load(parser, flag, path):
+    """An engine from a model folder, or a clear message naming the folder (exit 2)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        parser.error(f"{flag} {path}: no such folder")
+    if not (folder / "config.json").is_file():
+        parser.error(f"{flag} {path}: no config.json in the folder (an mlx-lm model folder has "
+                     "config.json, weights *.safetensors and tokenizer files)")
+    try:
+        return MLXEngine.load(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"{flag} {path}: cannot load the model: {type(e).__name__}: {e}")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    engine = MLXEngine.load(args.model)
-    draft = MLXEngine.load(args.draft_model) if args.draft_model else None
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "max_queue"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    engine = _load(parser, "--model", args.model)
+    draft = _load(parser, "--draft-model", args.draft_model) if args.draft_model else None
     cfg = {k: getattr(args, k) for k in DEFAULTS}
-    server = ChatServer(engine, cfg, api_key=os.environ.get(args.api_key_env) or None, draft=draft)
+    try:
+        server = ChatServer(engine, cfg, api_key=os.environ.get(args.api_key_env) or None, draft=draft)
+    except OSError as e:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     host, port = server.server_address[:2]
-    print(f"serving {args.model} on http://{host}:{port}/v1/chat/completions "
-          f"(auth {'on' if server.api_key else 'off'})", flush=True)
+    print(f"serving {args.model} on http://{host}:{port}/v1 (chat/completions, completions; "
+          f"auth {'on' if server.api_key else 'off'}; queue {server.cfg['max_queue']})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

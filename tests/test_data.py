@@ -314,9 +314,9 @@ BAD_CHAT = [
     ("messages not a list", {"messages": "Hi"},
      r"field 'messages': expected a list of messages, got a string"),
     ("content not a string", {"messages": [USER, {"role": "assistant", "content": 3}]},
-     r"field 'messages\[1\]\.content': expected a string, got an integer"),
+     r"field 'messages\[1\]\.content': expected a string or a list of text parts, got an integer"),
     ("message without role", {"messages": [{"content": "x"}, ASSISTANT]},
-     r"field 'messages\[0\]': missing key\(s\) \['role'\]"),
+     r"field 'messages\[0\]\.role': expected one of system, user, assistant, tool, got None"),
     ("last not assistant", {"messages": [ASSISTANT, USER]},
      r"field 'messages': the last message must be the assistant's, got role 'user'"),
 ]

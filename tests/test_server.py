@@ -9,6 +9,7 @@ import pytest
 
 from runtime.constrained import tool_call_schema
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
+from mlx_student.messages import normalize_messages
 from runtime.server import ChatServer
 from conftest import save_tiny
 
@@ -142,3 +143,35 @@ def test_max_tokens_is_honoured(client):
     r = client.post("/v1/chat/completions", json=chat("Tell me a long story.", max_tokens=7, temperature=1.0, seed=0))
     body = r.json()
     assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
+
+
+HISTORY = [{"role": "user", "content": "Weather in Oslo?"},
+           {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+               "name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 4}'}]
+
+
+def test_openai_shaped_history_is_served(client, engine):
+    """What the server itself returns for a call (content null, arguments a JSON string) comes
+    back as history; arguments as an object or the content as text parts mean the same."""
+    r = client.post("/v1/chat/completions", json={"messages": HISTORY, "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    same = [{"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Oslo?"}]},
+            {**HISTORY[1], "tool_calls": [{**HISTORY[1]["tool_calls"][0], "function": {
+                "name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}}]}, HISTORY[2]]
+    r2 = client.post("/v1/chat/completions", json={"messages": same, "max_tokens": 8})
+    assert r2.json()["choices"] == r.json()["choices"]
+    prompt = chat_prompt(engine.tokenizer, normalize_messages(HISTORY))
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert '{"name":"get_weather","arguments":{"city":"Oslo","days":1}}' in engine.tokenizer.decode(prompt)
+
+
+def test_invalid_tool_arguments_are_a_400_naming_the_field(client):
+    bad = [HISTORY[0], {**HISTORY[1], "tool_calls": [{**HISTORY[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": "{city: Paris}"}}]}, HISTORY[2]]
+    body = error(client.post("/v1/chat/completions", json={"messages": bad}), 400)
+    assert body["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert body["message"].startswith("messages[1].tool_calls[0].function.arguments: not valid JSON")
+    body = error(client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}), 400)
+    assert body["param"] == "messages[0].content[0].type" and "'image_url'" in body["message"]

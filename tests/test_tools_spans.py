@@ -72,3 +72,20 @@ def test_round_trip_catches_shifted_dropped_and_retyped_spans(records, tokenizer
     r = json.loads(json.dumps(records[1]))
     r["messages"][-1]["content"] = r["messages"][-1]["content"].replace(r["meta"]["facts"][0], "?", 1)
     assert spans.check(tokenizer, r)["aligned"] < len(r["spans"])  # the text moved under the spans
+
+
+def test_an_openai_shaped_trace_gets_the_spans_training_sees(records, tokenizer, tmp_path):
+    """The same trace with its calls only in tool_calls (content null, arguments a JSON
+    string, as an API returns them): spans are measured on the text the loader renders."""
+    from mlx_student.data import load_jsonl
+
+    r = json.loads(json.dumps(records[0]))
+    for m in r["messages"]:
+        if m.get("tool_calls"):
+            m["content"] = None
+    r["spans"] = spans.compute(tokenizer, r)
+    assert r["spans"] == records[0]["spans"]  # calls shown as content, as trained
+    assert spans.check(tokenizer, r)["problems"] == []
+    (tmp_path / "train.jsonl").write_text(json.dumps(r) + "\n")
+    example = load_jsonl(tmp_path / "train.jsonl", tokenizer, 49152, 4096).examples[0]
+    assert example.weights is not None and example.weights.sum() > 0

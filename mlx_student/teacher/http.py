@@ -6,6 +6,10 @@ the API returns one (`reasoning_content`, or `reasoning` as mlx_lm.server names 
 finish reason, the usage and, when asked for (`top_logprobs > 0`) and offered, the raw
 top-logprob lists of every generated token.
 
+Messages go out in OpenAI's wire shape (mlx_student.messages.normalize_messages with
+`arguments="string"`: null content is "", text parts joined, tool-call arguments JSON strings);
+a malformed message raises MessageError naming the field before any request is sent.
+
 Requests run at most `concurrency` at a time and at most `rpm` a minute; 429, 5xx, timeouts
 and dropped connections are retried with exponential backoff and full jitter, waiting what
 `Retry-After` asks for when the server sends it. Other statuses fail at once.
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import httpx
+
+from ..messages import normalize_messages
 
 RETRY_STATUS = {408, 409, 425, 429}
 # Teacher logprobs may round to slightly above 0 (mlx_student.data.MAX_LOGPROB).
@@ -156,6 +162,7 @@ class HTTPTeacher:
 
     def body(self, messages, tools=None, tool_choice=None) -> dict:
         a = self.args
+        messages = normalize_messages(messages, arguments="string")  # MessageError names the field
         body = {"model": a.model, "messages": messages, "temperature": a.temperature,
                 "top_p": a.top_p, "max_tokens": a.max_tokens, "stream": False}
         if tools:

@@ -26,6 +26,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from ..messages import calls_in_content, normalize_messages
 from .http import Completion
 
 
@@ -73,6 +74,7 @@ class LocalTeacher:
         self.retries = 0  # as HTTPTeacher's; nothing is retried in process
 
     def _prompt(self, messages):
+        messages = calls_in_content(self.tokenizer, normalize_messages(messages))
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def _completion(self, prompt_len, ids, topk, finish) -> Completion:

@@ -7,7 +7,8 @@
 A span is `{"type": "tool_name" | "arguments" | "integration", "byte_start", "byte_end",
 "tok_start", "tok_end"}` (ends exclusive) over the conversation as mlx_student.data renders
 it for training: the UTF-8 bytes of `tokenizer.apply_chat_template(messages, tools=tools,
-tokenize=False)` and the ids of the same call with tokenize=True. The token span is the
+tokenize=False)`, messages normalised as the loader does (`for_template`), and the ids of the
+same call with tokenize=True. The token span is the
 minimal range of tokens covering the bytes.
 
 * tool_name: the name inside an assistant call `{"name":"<here>","arguments":{...}}`
@@ -28,6 +29,8 @@ import bisect
 import json
 import re
 from functools import lru_cache
+
+from ..messages import MessageError, calls_in_content, normalize_messages
 
 TYPES = ("tool_name", "arguments", "integration")
 
@@ -118,8 +121,22 @@ def _offsets(pieces):
     return starts[:-1], ends
 
 
+def for_template(tokenizer, record):
+    """The record with its messages as the data loader renders them (mlx_student.messages:
+    normalised, calls shown as content where the template drops tool_calls), so spans are
+    measured on the very text training tokenizes. Raises MessageError naming a bad field."""
+    return {**record, "messages": calls_in_content(tokenizer, normalize_messages(record["messages"]))}
+
+
+def template_text(tokenizer, record):
+    """The chat template's text of a record, as training renders it."""
+    return tokenizer.apply_chat_template(for_template(tokenizer, record)["messages"],
+                                         tools=record.get("tools"), tokenize=False)
+
+
 def analyze(tokenizer, record, ids=None):
     """(text, ids, spans) of a record; `ids` default to the template's own tokenization."""
+    record = for_template(tokenizer, record)
     text = tokenizer.apply_chat_template(record["messages"], tools=record.get("tools"),
                                          tokenize=False)
     if ids is None:
@@ -139,6 +156,10 @@ def compute(tokenizer, record):
     return analyze(tokenizer, record)[2]
 
 
+def _arguments(raw):
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
 def _content_problem(span, data, record):
     """Why a span's bytes do not hold what its type says, or None."""
     try:
@@ -153,7 +174,7 @@ def _content_problem(span, data, record):
             value = json.loads(s)
         except ValueError:
             return f"{s[:40]!r} is not JSON"
-        return None if any(value == json.loads(c["arguments"]) for c in calls) else \
+        return None if any(value == _arguments(c["arguments"]) for c in calls) else \
             "JSON that is not a call's arguments"
     facts = record.get("meta", {}).get("facts") or []
     return None if s in facts else f"{s!r} is not a fact"
@@ -166,6 +187,11 @@ def check(tokenizer, record, ids=None):
     bytes start and end on token boundaries, "problems": [str]}."""
     stored = record.get("spans") or []
     out = {"spans": len(stored), "aligned": 0, "exact": 0, "problems": []}
+    try:
+        record = for_template(tokenizer, record)
+    except MessageError as e:
+        out["problems"].append(str(e))
+        return out
     text = tokenizer.apply_chat_template(record["messages"], tools=record.get("tools"),
                                          tokenize=False)
     if ids is None:

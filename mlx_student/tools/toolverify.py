@@ -220,8 +220,12 @@ def verify(paths, tokenizer, gates=None, batch=64):
                 except ValueError as e:
                     totals.setdefault("parse", [0, 0])[1] += 1
                     examples.setdefault("parse", []).append(f"{path}:{lineno}: invalid JSON: {e}")
-            texts = [tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
-                     for _, r in chunk]
+            texts = []
+            for _, r in chunk:
+                try:
+                    texts.append(spans_mod.template_text(tokenizer, r))
+                except ValueError:  # a malformed message: spans.check reports it by field
+                    texts.append("")
             encoded = hf(texts, add_special_tokens=False)["input_ids"] if texts else []
             for (lineno, record), ids in zip(chunk, encoded):
                 n += 1
