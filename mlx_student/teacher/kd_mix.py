@@ -177,7 +177,7 @@ def scan(path):
 
 def append(fd, record):
     """Append one record as one whole line (one write on an O_APPEND descriptor)."""
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
     while data:
         data = data[os.write(fd, data):]
 

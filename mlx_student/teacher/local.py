@@ -46,14 +46,15 @@ class LocalTeacherArgs:
 
 def topk_rows(logprobs: mx.array, k: int) -> list:
     """Per row of a (B, V) log-probability matrix, its k largest entries as
-    [[id, logprob], ...] sorted by logprob descending (ties by id)."""
+    [[id, logprob], ...] sorted by logprob descending (ties by id); zero-probability (-inf)
+    entries are left out (JSON has no -Infinity)."""
     idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(logprobs, idx, axis=-1).astype(mx.float32)
     idx, values = np.array(idx), np.array(values)
     out = []
     for i, v in zip(idx, values):
         order = np.lexsort((i, -v))
-        out.append([[int(i[j]), min(float(v[j]), 0.0)] for j in order])
+        out.append([[int(i[j]), min(float(v[j]), 0.0)] for j in order if v[j] > -np.inf])
     return out
 
 
