@@ -37,10 +37,11 @@ def mlx_logits(model_dir, ids: np.ndarray, prefill: int) -> np.ndarray:
     """(T, vocab) fp32 logits of mlx-lm: the prefill in one call, then one token per call,
     both through mlx-lm's KVCache."""
     import mlx.core as mx
-    import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _ = mlx_lm.load(str(model_dir))
+    from mlx_student.hf_config import load
+
+    model, _ = load(model_dir)
     cache = make_prompt_cache(model)
     out = [np.array(model(mx.array(ids[None, :prefill]), cache=cache)[0])]
     for t in range(prefill, len(ids)):

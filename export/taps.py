@@ -64,13 +64,14 @@ class MLXRunner:
 
     def __init__(self, model_dir, dtype: str = "float32"):
         import mlx.core as mx
-        import mlx_lm
+
+        from mlx_student.hf_config import load
 
         self.mx = mx
         self.name = "mlx" if dtype == "float32" else f"mlx_{dtype.replace('float', 'fp')}"
         self.description = f"mlx_lm ({dtype.replace('float', 'fp')}, KVCache), evaluated " \
                            "layer by layer"
-        self.model, _ = mlx_lm.load(str(model_dir))
+        self.model, _ = load(model_dir)
         self.model.set_dtype(getattr(mx, dtype))
         self.cache = None
 

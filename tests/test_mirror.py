@@ -11,7 +11,7 @@ import torch
 
 from export.mirror import UnsupportedModel, load_mirror, read_checkpoint, vocab_chunks
 from mlx_student import model as student_model
-from mlx_student.config import load_config
+from mlx_student.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 ROOT = Path(__file__).parent.parent
@@ -130,12 +130,16 @@ def test_unsupported_checkpoints_are_refused(tmp_path, student_dir):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((student_dir / name).read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     config["attention_bias"] = True
+    config["mlp_bias"] = True
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModel, match="rope_scaling.*attention_bias|attention_bias.*rope"):
+    with pytest.raises(UnsupportedModel, match="attention_bias: true.*; mlp_bias: true"):
         read_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}  # (mlx_student/hf_config.py)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: rope_scaling.rope_type: 'linear'"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="no config.json"):
         read_checkpoint(tmp_path / "missing")
 
 

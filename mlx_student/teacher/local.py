@@ -22,10 +22,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from ..hf_config import load
 from .http import Completion
 
 
@@ -69,7 +69,7 @@ class LocalTeacher:
 
     def __init__(self, args: LocalTeacherArgs):
         self.args = args
-        self.model, self.tokenizer = load(str(Path(args.model)))
+        self.model, self.tokenizer = load(Path(args.model))
         self.endpoint = "local"
         self.retries = 0  # as HTTPTeacher's; nothing is retried in process
 
