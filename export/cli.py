@@ -12,6 +12,14 @@ int4 with its group size as the block; the embedding too when it was quantized);
 compression flags on the command line override that. Where the format is the QAT's, the package
 holds the checkpoint's own integers and scales (from its qat_scales.safetensors), so it
 dequantizes to the QAT weights bit for bit in fp16.
+
+The manifest's `compression` is read back from the saved package's MIL program
+(export/compress.py `read_storage`): each role's stored format, the count of constants per
+format, and `differs`, every weight stored otherwise than requested with the reason (coremltools
+skips a LUT whose group size does not divide the rows; a tied model's LM head is the
+embedding). An export whose package differs from the request fails with exit 1 and writes
+nothing, unless --allow-partial (the manifest then records what is stored); the request is kept
+under `compression.requested`.
 """
 
 import argparse
@@ -29,7 +37,7 @@ from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
 
 from . import audit as fp16
-from .compress import FORMATS, Compression, compress, exact_weights
+from .compress import FORMATS, Compression, compress, exact_weights, read_storage
 from .convert import ExportError, coremltools, convert_function, describe, package_bytes, plan
 from .convert import save_multifunction
 from .mirror import UnsupportedModel, load_mirror
@@ -47,6 +55,7 @@ CONFIG_DEFAULTS = {
     "calibration_tokens": 256,
     "parity": True,  # mirror vs MLX (fp32, KVCache) into the manifest
     "onnx": False,  # also write ONNX files (prefill and decode with explicit KV)
+    "allow_partial": False,  # keep a package whose weights are not all stored as requested
 }
 
 
@@ -76,7 +85,14 @@ def build_parser():
     add("--no-parity", dest="parity", action="store_const", const=False, default=None,
         help="skip the mirror vs MLX check")
     add("--onnx", action="store_const", const=True, default=None, help="also write ONNX")
+    add("--allow-partial", action="store_const", const=True, default=None,
+        help="keep a package some of whose weights are not stored as requested (the manifest "
+        "lists them with the reason); without it such an export fails with exit 1")
     return p
+
+
+class PartialExport(ExportError):
+    """The saved package does not hold the weights as requested (exit 1)."""
 
 
 BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.05, "int4": 0.6, "lut4": 0.55, "lut8": 1.05}
@@ -106,14 +122,15 @@ def parse_args(argv=None):
     return args
 
 
-def qat_compression(comp: dict, qat, flags=()) -> dict:
-    """`comp` with the formats a QAT checkpoint trained on, except those set by `flags`."""
+def qat_compression(comp: dict, qat, flags=(), tied: bool = False) -> dict:
+    """`comp` with the formats a QAT checkpoint trained on, except those set by `flags`; a
+    tied model's LM head is its embedding (no format of its own)."""
     if not qat:
         return comp
     fmt = {8: "int8", 4: "int4"}[qat["bits"]]
     picked = {"weights": fmt, "block_size": qat["group_size"]}
     if qat["embeddings"]:
-        picked.update(embedding=fmt, lm_head=fmt)
+        picked.update(embedding=fmt, **({} if tied else {"lm_head": fmt}))
     return {**comp, **{k: v for k, v in picked.items() if k not in flags}}
 
 
@@ -167,7 +184,8 @@ def run(args) -> dict:
     progress.stage("read checkpoint")
     mirror = load_mirror(model_dir)
     config = mirror.config
-    comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags))
+    comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags,
+                                         config.tie_word_embeddings))
     exact = exact_weights(model_dir, config.qat, mirror.offsets) if config.qat else None
     contexts = list(args.contexts or config.contexts)
     prefill = list(args.prefill_lengths or config.prefill_lengths)
@@ -224,7 +242,7 @@ def run(args) -> dict:
         "layout": {"activations": "(1, C, 1, T) channels-first, 1x1 conv2d projections",
                    "kv_state": "(layers, kv_heads, head_dim, context) fp16, written at position",
                    "vocab_chunks": mirror.rows, "logits": "last token of each call, (1, 1, vocab)"},
-        "compression": {**comp.describe(), "qat": config.qat},
+        "compression": {"requested": comp.describe(), "qat": config.qat},
         "fp16_audit": table,
         "mirror_parity": parity,
     }
@@ -234,9 +252,22 @@ def run(args) -> dict:
             pkg = save_multifunction(models, tmp / manifest["package"], specs[0].name,
                                      metadata={"mlx_student.source_sha256": source["sha256"]})
             size = package_bytes(pkg)
+            stored = read_storage(pkg, comp, config.tie_word_embeddings)
+            manifest["compression"].update(stored)
             manifest.update(package_bytes=size, bytes_per_param=size / params)
-            progress.done(f"{size / 1e6:.1f} MB, {size / params:.3f} bytes/param "
-                          f"(weights {comp.weights}, embedding {comp.embedding})")
+            progress.done(f"{size / 1e6:.1f} MB, {size / params:.3f} bytes/param (stored: "
+                          f"weights {stored['weights']}, embedding {stored['embedding']}, "
+                          f"lm_head {stored['lm_head']})")
+            if stored["differs"]:
+                report = "\n".join(
+                    f"  {d['role']}: {len(d['weights']) or 'the'} weight(s) stored {d['stored']},"
+                    f" requested {d['requested']}: {d['reason']}" for d in stored["differs"])
+                if not args.allow_partial:
+                    raise PartialExport(f"the package differs from the request:\n{report}\n"
+                                        "nothing written; pass --allow-partial to keep it "
+                                        "(the manifest then records what is stored)")
+                print(f"WARNING: the package differs from the request (--allow-partial):\n"
+                      f"{report}", file=sys.stderr)
             if args.onnx:
                 from .onnx_export import export_onnx
 
@@ -267,6 +298,9 @@ def run(args) -> dict:
 def main(argv=None):
     try:
         run(parse_args(argv))
+    except PartialExport as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, ExportError, UnsupportedModel, FileNotFoundError, ValueError,
             fp16.Fp16Overflow) as e:
         print(f"error: {e}", file=sys.stderr)
