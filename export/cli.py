@@ -35,6 +35,7 @@ from pathlib import Path
 
 from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
+from mlx_student.run_settings import choice, flag, integer, number, problems, raise_problems
 
 from . import audit as fp16
 from .compress import FORMATS, Compression, compress, exact_weights, read_storage
@@ -96,12 +97,29 @@ class PartialExport(ExportError):
 
 
 BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.05, "int4": 0.6, "lut4": 0.55, "lut8": 1.05}
+
+
+def _lengths(v):
+    ok = v is None or (isinstance(v, list) and v and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+    return None if ok else f"must be a list of integers >= 1 (or null), got {v!r}"
+
+
+RULES = {"contexts": _lengths, "prefill_lengths": _lengths,
+         "fp16_audit": choice(("fail", "warn", "off")),
+         "fp16_margin": number(lambda x: x >= 1, "a number >= 1 (taps stay below 65504 / it)"),
+         "calibration_tokens": integer(2), "parity": flag, "onnx": flag, "allow_partial": flag}
+COMPRESSION_RULES = {"block_size": integer(1), "lut_group_size": integer(1),
+                     "lut_mode": choice(("uniform", "kmeans")),
+                     **{k: choice(FORMATS) for k in ("weights", "embedding")},
+                     "lm_head": lambda v: None if v is None else choice(FORMATS)(v)}
 COMPRESSION_FLAGS = ("weights", "embedding", "lm_head", "block_size", "lut_group_size", "lut_mode")
 
 
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     settings, lines = apply_config(args, CONFIG_DEFAULTS, what="export setting")
     if isinstance(settings.get("model"), dict):
         raise ConfigError(f"{args.config}:{lines['model']}: model: is an architecture "
@@ -117,6 +135,10 @@ def parse_args(argv=None):
             comp[k] = v
         delattr(args, k)
     args.compression = comp
+    found = problems(args, RULES) + [
+        (k if k in args.compression_flags else f"compression.{k}", msg)
+        for k, msg in problems(argparse.Namespace(**comp), COMPRESSION_RULES)]
+    raise_problems(found, args.config, lines, given)
     if not args.model:
         raise ConfigError("no model: pass --model runs/x (or model: in the config file)")
     return args
@@ -214,6 +236,11 @@ def run(args) -> dict:
         from .parity import check_mlx
 
         parity = check_mlx(model_dir, mirror, prefill=min(16, min(contexts) // 2), decode=8)
+        if not parity["ok"]:
+            print("WARNING: the mirror disagrees with MLX beyond the fp16 error model's bound "
+                  f"(prefill {parity['prefill_rel_err']:.2e} vs {parity['prefill_bound']:.2e}, "
+                  f"decode {parity['decode_rel_err']:.2e} vs {parity['decode_bound']:.2e})",
+                  file=sys.stderr)
     progress.done(", ".join(f"{k} {v:.2e}" for k, v in parity.items() if k.endswith("err")))
 
     # Each function is saved on its own before the merge deduplicates them, then the package.

@@ -141,7 +141,7 @@ def _gate_value(name, value, where):
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS (as mlx_lm.lora)."""
     args = build_parser().parse_args(argv)
-    settings = {}
+    settings, lines = {}, {}
     if args.config:
         settings, lines = load_yaml(args.config)
         unknown = [k for k in settings if k not in CONFIG_DEFAULTS]
@@ -160,11 +160,24 @@ def parse_args(argv=None):
             raise ConfigError(f"--gates {item}: expected NAME=VALUE")
         gates.setdefault("flags", {})[name] = _gate_value(name, value, "--gates")
     args.gates = gates
+    given = {k for k, v in vars(args).items() if v is not None}
     for key, value in {**CONFIG_DEFAULTS, **settings}.items():
         if key != "gates" and getattr(args, key, None) is None:
             setattr(args, key, value)
     if not args.model or not args.package:
         raise ConfigError("pass --model runs/x and --package artifacts/x/model.mlpackage")
+    bad = []
+    for key, low in (("decode_steps", 1), ("windows", 1), ("context", 1), ("prefill_length", 1)):
+        v = getattr(args, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            where = f"--{key.replace('_', '-')}" if key in given else \
+                f"{args.config}:{lines.get(key)}: {key}"
+            bad.append(f"{where}: must be an integer >= {low}, got {v!r}")
+    if args.backend not in ("auto", "executor", "coreml"):
+        bad.append(f"{args.config}:{lines.get('backend')}: backend: {args.backend!r} is not one "
+                   "of auto, executor, coreml")
+    if bad:
+        raise ConfigError("\n".join(bad))
     return args
 
 

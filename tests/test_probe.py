@@ -258,6 +258,17 @@ def test_gate_settings_from_yaml_and_flags(tmp_path):
         probe.parse_args([])
 
 
+def test_bad_run_settings_name_their_line_or_flag(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: runs/a\npackage: a.mlpackage\nwindows: 0\ndecode_steps: two\n")
+    with pytest.raises(ConfigError) as e:
+        probe.parse_args(["--config", str(cfg), "--context", "-5"])
+    assert str(e.value).splitlines() == [
+        f"{cfg}:4: decode_steps: must be an integer >= 1, got 'two'",
+        f"{cfg}:3: windows: must be an integer >= 1, got 0",
+        "--context: must be an integer >= 1, got -5"]
+
+
 def test_nonfinite_values_fail_and_stay_valid_json():
     c = tp.compare(np.array([np.inf, 1.0, 2.0]), np.array([1.0, 1.0, 2.0]))
     assert c["nonfinite"] == 1 and c["rel_err"] == np.inf and c["fp16_headroom"] == 0
