@@ -193,15 +193,17 @@ def check(args) -> tuple:
     found = run_settings.train_problems(args, {"optimizer": list(OPTIMIZERS),
                                                "compute_dtype": list(DTYPES)})
     weights = {}  # the process spans' weights, every type
-    checks = [lambda: setattr(args, "qat", qat_settings(args.qat)),
-              lambda: weights.update(process_weights(args.process_weights))]
+    checks = [(None, lambda: setattr(args, "qat", qat_settings(args.qat))),
+              (None, lambda: weights.update(process_weights(args.process_weights)))]
     if not any(k == "num_layers" for k, _ in found):  # it compares num_layers with the model
-        checks.append(lambda: finetune.check_settings(args, config))
-    for check in checks:
+        checks.append((None, lambda: finetune.check_settings(args, config)))
+    if args.teacher:  # its folder read now, not after the data and the student
+        checks.append(("teacher", lambda: hf_config.read_config(args.teacher)))
+    for key, check in checks:
         try:
             check()
-        except ValueError as e:
-            found.append(run_settings.from_error(e))
+        except ValueError as e:  # messages 'key: problem'; a ConfigError for the teacher
+            found.append((key, str(e)) if key else run_settings.from_error(e))
     run_settings.raise_problems(found, args.config, args.setting_lines, args.flags_given)
     widths = (config.hidden_size, config.intermediate_size,
               config.num_attention_heads * config.head_dim)  # the linears' input widths

@@ -144,6 +144,10 @@ def test_quantization_config_only_reads_as_mlx_lm_wrote_it(tmp_path, tokenizer):
         mlx_lm.load(str(q))
     loaded, _ = hf_config.load(q)
     np.testing.assert_array_equal(np.array(loaded(mx.array(IDS))), np.array(qmodel(mx.array(IDS))))
+    from runtime.generate import MLXEngine  # what mlx_student.serve and bench load with
+
+    engine = MLXEngine.load(q)
+    np.testing.assert_array_equal(np.array(engine(mx.array(IDS))), np.array(qmodel(mx.array(IDS))))
     edit_config(q, quantization_config={"quant_method": "hqq", "nbits": 4})
     with pytest.raises(ConfigError, match=r"config.json: quantization_config.quant_method: 'hqq' "
                                           "is not a format mlx-lm loads"):
