@@ -15,9 +15,9 @@ with the file and the key named, never read silently wrong:
                           `rope_scaling.rope_type` / `.type`): refused naming that key.
     tie_word_embeddings   false with no `lm_head.weight` in the weights: refused. True (or mlx-lm's
                           default, absent) with an `lm_head.weight` equal to the embedding: tied;
-                          with one that differs: refused (mlx-lm would drop it silently, which
-                          transformers' weight tying does too). Absent with an `lm_head.weight`:
-                          untied (transformers' llama default is false).
+                          with one that differs: refused (mlx-lm drops it without a word), the
+                          message saying to set the key to false to use it. Absent with an
+                          `lm_head.weight`: untied (transformers' llama default is false).
     quantization          mlx-lm's own block. A `quantization_config` without `quant_method` (the
                           copy mlx_lm.convert writes beside it, left alone) is read as that block;
                           a `quant_method` mlx-lm does not load is refused by name.
