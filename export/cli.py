@@ -12,6 +12,14 @@ int4 with its group size as the block; the embedding too when it was quantized);
 compression flags on the command line override that. Where the format is the QAT's, the package
 holds the checkpoint's own integers and scales (from its qat_scales.safetensors), so it
 dequantizes to the QAT weights bit for bit in fp16.
+
+The manifest's `compression` is read back from the saved package's MIL program
+(export/compress.py `read_storage`): each role's stored format, the count of constants per
+format, and `differs`, every weight stored otherwise than requested with the reason (coremltools
+skips a LUT whose group size does not divide the rows; a tied model's LM head is the
+embedding). An export whose package differs from the request fails with exit 1 and writes
+nothing, unless --allow-partial (the manifest then records what is stored); the request is kept
+under `compression.requested`.
 """
 
 import argparse
@@ -27,9 +35,10 @@ from pathlib import Path
 
 from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
+from mlx_student.run_settings import choice, flag, integer, number, problems, raise_problems
 
 from . import audit as fp16
-from .compress import FORMATS, Compression, compress, exact_weights
+from .compress import FORMATS, Compression, compress, exact_weights, read_storage
 from .convert import ExportError, coremltools, convert_function, describe, package_bytes, plan
 from .convert import save_multifunction
 from .mirror import UnsupportedModel, load_mirror
@@ -47,6 +56,7 @@ CONFIG_DEFAULTS = {
     "calibration_tokens": 256,
     "parity": True,  # mirror vs MLX (fp32, KVCache) into the manifest
     "onnx": False,  # also write ONNX files (prefill and decode with explicit KV)
+    "allow_partial": False,  # keep a package whose weights are not all stored as requested
 }
 
 
@@ -76,16 +86,40 @@ def build_parser():
     add("--no-parity", dest="parity", action="store_const", const=False, default=None,
         help="skip the mirror vs MLX check")
     add("--onnx", action="store_const", const=True, default=None, help="also write ONNX")
+    add("--allow-partial", action="store_const", const=True, default=None,
+        help="keep a package some of whose weights are not stored as requested (the manifest "
+        "lists them with the reason); without it such an export fails with exit 1")
     return p
 
 
+class PartialExport(ExportError):
+    """The saved package does not hold the weights as requested (exit 1)."""
+
+
 BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.05, "int4": 0.6, "lut4": 0.55, "lut8": 1.05}
+
+
+def _lengths(v):
+    ok = v is None or (isinstance(v, list) and v and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+    return None if ok else f"must be a list of integers >= 1 (or null), got {v!r}"
+
+
+RULES = {"contexts": _lengths, "prefill_lengths": _lengths,
+         "fp16_audit": choice(("fail", "warn", "off")),
+         "fp16_margin": number(lambda x: x >= 1, "a number >= 1 (taps stay below 65504 / it)"),
+         "calibration_tokens": integer(2), "parity": flag, "onnx": flag, "allow_partial": flag}
+COMPRESSION_RULES = {"block_size": integer(1), "lut_group_size": integer(1),
+                     "lut_mode": choice(("uniform", "kmeans")),
+                     **{k: choice(FORMATS) for k in ("weights", "embedding")},
+                     "lm_head": lambda v: None if v is None else choice(FORMATS)(v)}
 COMPRESSION_FLAGS = ("weights", "embedding", "lm_head", "block_size", "lut_group_size", "lut_mode")
 
 
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     settings, lines = apply_config(args, CONFIG_DEFAULTS, what="export setting")
     if isinstance(settings.get("model"), dict):
         raise ConfigError(f"{args.config}:{lines['model']}: model: is an architecture "
@@ -101,19 +135,24 @@ def parse_args(argv=None):
             comp[k] = v
         delattr(args, k)
     args.compression = comp
+    found = problems(args, RULES) + [
+        (k if k in args.compression_flags else f"compression.{k}", msg)
+        for k, msg in problems(argparse.Namespace(**comp), COMPRESSION_RULES)]
+    raise_problems(found, args.config, lines, given)
     if not args.model:
         raise ConfigError("no model: pass --model runs/x (or model: in the config file)")
     return args
 
 
-def qat_compression(comp: dict, qat, flags=()) -> dict:
-    """`comp` with the formats a QAT checkpoint trained on, except those set by `flags`."""
+def qat_compression(comp: dict, qat, flags=(), tied: bool = False) -> dict:
+    """`comp` with the formats a QAT checkpoint trained on, except those set by `flags`; a
+    tied model's LM head is its embedding (no format of its own)."""
     if not qat:
         return comp
     fmt = {8: "int8", 4: "int4"}[qat["bits"]]
     picked = {"weights": fmt, "block_size": qat["group_size"]}
     if qat["embeddings"]:
-        picked.update(embedding=fmt, lm_head=fmt)
+        picked.update(embedding=fmt, **({} if tied else {"lm_head": fmt}))
     return {**comp, **{k: v for k, v in picked.items() if k not in flags}}
 
 
@@ -167,7 +206,8 @@ def run(args) -> dict:
     progress.stage("read checkpoint")
     mirror = load_mirror(model_dir)
     config = mirror.config
-    comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags))
+    comp = Compression(**qat_compression(args.compression, config.qat, args.compression_flags,
+                                         config.tie_word_embeddings))
     exact = exact_weights(model_dir, config.qat, mirror.offsets) if config.qat else None
     contexts = list(args.contexts or config.contexts)
     prefill = list(args.prefill_lengths or config.prefill_lengths)
@@ -196,6 +236,11 @@ def run(args) -> dict:
         from .parity import check_mlx
 
         parity = check_mlx(model_dir, mirror, prefill=min(16, min(contexts) // 2), decode=8)
+        if not parity["ok"]:
+            print("WARNING: the mirror disagrees with MLX beyond the fp16 error model's bound "
+                  f"(prefill {parity['prefill_rel_err']:.2e} vs {parity['prefill_bound']:.2e}, "
+                  f"decode {parity['decode_rel_err']:.2e} vs {parity['decode_bound']:.2e})",
+                  file=sys.stderr)
     progress.done(", ".join(f"{k} {v:.2e}" for k, v in parity.items() if k.endswith("err")))
 
     # Each function is saved on its own before the merge deduplicates them, then the package.
@@ -224,7 +269,7 @@ def run(args) -> dict:
         "layout": {"activations": "(1, C, 1, T) channels-first, 1x1 conv2d projections",
                    "kv_state": "(layers, kv_heads, head_dim, context) fp16, written at position",
                    "vocab_chunks": mirror.rows, "logits": "last token of each call, (1, 1, vocab)"},
-        "compression": {**comp.describe(), "qat": config.qat},
+        "compression": {"requested": comp.describe(), "qat": config.qat},
         "fp16_audit": table,
         "mirror_parity": parity,
     }
@@ -234,9 +279,22 @@ def run(args) -> dict:
             pkg = save_multifunction(models, tmp / manifest["package"], specs[0].name,
                                      metadata={"mlx_student.source_sha256": source["sha256"]})
             size = package_bytes(pkg)
+            stored = read_storage(pkg, comp, config.tie_word_embeddings)
+            manifest["compression"].update(stored)
             manifest.update(package_bytes=size, bytes_per_param=size / params)
-            progress.done(f"{size / 1e6:.1f} MB, {size / params:.3f} bytes/param "
-                          f"(weights {comp.weights}, embedding {comp.embedding})")
+            progress.done(f"{size / 1e6:.1f} MB, {size / params:.3f} bytes/param (stored: "
+                          f"weights {stored['weights']}, embedding {stored['embedding']}, "
+                          f"lm_head {stored['lm_head']})")
+            if stored["differs"]:
+                report = "\n".join(
+                    f"  {d['role']}: {len(d['weights']) or 'the'} weight(s) stored {d['stored']},"
+                    f" requested {d['requested']}: {d['reason']}" for d in stored["differs"])
+                if not args.allow_partial:
+                    raise PartialExport(f"the package differs from the request:\n{report}\n"
+                                        "nothing written; pass --allow-partial to keep it "
+                                        "(the manifest then records what is stored)")
+                print(f"WARNING: the package differs from the request (--allow-partial):\n"
+                      f"{report}", file=sys.stderr)
             if args.onnx:
                 from .onnx_export import export_onnx
 
@@ -267,6 +325,9 @@ def run(args) -> dict:
 def main(argv=None):
     try:
         run(parse_args(argv))
+    except PartialExport as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, ExportError, UnsupportedModel, FileNotFoundError, ValueError,
             fp16.Fp16Overflow) as e:
         print(f"error: {e}", file=sys.stderr)

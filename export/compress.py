@@ -236,3 +236,69 @@ def compress(mlmodel, c: Compression, exact: Optional[ExactWeights] = None):
     if lut:
         mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=lut))
     return mlmodel
+
+
+# ---------------------------------------------------------------- what the saved package holds
+RANK = {"fp16": 0, "int8": 1, "lut8": 1, "int4": 2, "lut4": 2}  # coarser formats rank higher
+_BITS = {"INT8": "int8", "INT4": "int4", "UINT8": "lut8", "UINT4": "lut4"}
+
+
+def _stored_format(op) -> str:
+    """The storage of one constexpr weight op of a saved program (mil_executor.Op, not
+    materialized): int8 / int4 (constexpr_blockwise_shift_scale's data), lut4 / lut8
+    (constexpr_lut_to_dense's indices), else the op type."""
+    arg = {"constexpr_blockwise_shift_scale": "data", "constexpr_affine_dequantize":
+           "quantized_data", "constexpr_lut_to_dense": "indices"}.get(op.type)
+    if arg is None or arg not in op.inputs:
+        return op.type
+    kind, var = op.inputs[arg][0]
+    return _BITS.get(getattr(var, "dtype", None), op.type) if kind == "val" else op.type
+
+
+def _why(fmt: str, shape: tuple, c: Compression) -> str:
+    if fmt.startswith("lut") and shape[0] % c.lut_group_size:
+        return f"lut_group_size {c.lut_group_size} does not divide its {shape[0]} output channels"
+    if fmt == "int4" and shape[1] % c.block_size:
+        return f"block_size {c.block_size} does not divide its {shape[1]} inputs"
+    return "coremltools left it so"
+
+
+def read_storage(package, c: Compression, tied: bool) -> dict:
+    """Each weight's storage as the saved package's MIL program holds it (its default function;
+    every function shares the same constants), against the request `c`. Returns
+    {"weights" | "embedding" | "lm_head": the coarsest stored format of that role,
+     "storage": {role: {format: number of constants}}, "differs": [{role, weights, requested,
+     stored, reason}, ...] (empty when the package is what was asked)}. A tied model's LM head
+    is the embedding's constants: its row says so when `c.lm_head` asked for another format."""
+    from .mil_executor import load
+
+    prog = load(package, materialize=False, strict=False)
+    found = {}  # weight name -> (role, stored format, shape)
+    for op in prog.constexpr_ops:
+        r = role(op.outputs[0].name)
+        if r:
+            found[op.outputs[0].name] = (r, _stored_format(op), op.outputs[0].shape)
+    for name, var in prog.const_types.items():
+        r = role(name)
+        if r and name not in found and len(var.shape) == 4:  # conv weights (rows, in, 1, 1)
+            found[name] = (r, {"FLOAT16": "fp16", "FLOAT32": "fp32"}.get(var.dtype, var.dtype),
+                           var.shape)
+    storage, differs = {}, {}
+    for name, (r, fmt, shape) in sorted(found.items()):
+        storage.setdefault(r, {}).setdefault(fmt, 0)
+        storage[r][fmt] += 1
+        want = getattr(c, r)
+        if fmt != want:
+            key = (r, fmt, _why(want, shape, c))
+            differs.setdefault(key, []).append(name)
+    out = {r: max(storage.get(r, {"fp16": 0}), key=lambda f: RANK.get(f, 3))
+           for r in ("weights", "embedding")}
+    out["lm_head"] = out["embedding"] if tied else max(storage.get("lm_head", {"fp16": 0}),
+                                                       key=lambda f: RANK.get(f, 3))
+    rows = [{"role": r, "weights": names, "requested": getattr(c, r), "stored": fmt,
+             "reason": why} for (r, fmt, why), names in differs.items()]
+    if tied and c.lm_head != c.embedding:
+        rows.append({"role": "lm_head", "weights": [], "requested": c.lm_head,
+                     "stored": out["embedding"], "reason": "the model is tied: its LM head is "
+                     f"the embedding's constants (compression.embedding {c.embedding})"})
+    return {**out, "storage": storage, "differs": rows}

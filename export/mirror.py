@@ -27,7 +27,6 @@ table is one set of constants used by both. RMSNorm divides each token by its ma
 squaring, so no magnitude of the residual stream overflows its fp16 accumulator.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from mlx_student.config import ANE_MAX_DIM, StudentConfig
+from mlx_student.hf_config import read_config, weight_files
 
 NORM_MIN_SCALE = 2.0**-14  # fp16's smallest normal number: the RMSNorm's divisor floor
 MASK_VALUE = -1e4  # additive mask; exp(-1e4 - max) is exactly 0 in fp16 and fp32
@@ -55,8 +55,6 @@ def check_supported(raw: dict) -> list:
     for k in ("attention_bias", "mlp_bias", "rope_traditional"):
         if raw.get(k):
             p.append(f"{k}: true is not supported")
-    if raw.get("rope_scaling"):
-        p.append(f"rope_scaling {raw['rope_scaling']!r}: only default RoPE is supported")
     if raw.get("hidden_act", "silu") != "silu":
         p.append(f"hidden_act {raw['hidden_act']!r}: only silu (SwiGLU) is supported")
     if raw.get("quantization"):
@@ -68,19 +66,14 @@ def read_checkpoint(path):
     """(StudentConfig, {name: fp32 ndarray}) from an mlx-lm model folder, with safetensors and
     numpy only (no MLX). Reads model.safetensors or the shards listed in its index."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_config(path)  # FolderConfigError names a foreign config.json's problem
     problems = check_supported(raw)
     if problems:
         raise UnsupportedModel(f"{path}: cannot export: " + "; ".join(problems))
     config = StudentConfig.from_mlx_config(raw)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
-        else ["model.safetensors"]
     weights = {}
-    for f in files:
-        for k, v in load_file(str(path / f)).items():
+    for f in weight_files(path):
+        for k, v in load_file(str(f)).items():
             weights[k] = v.astype(np.float32)
     return config, weights
 

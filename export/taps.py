@@ -11,8 +11,9 @@ step, with the KV cache carried between calls.
     logits                        the chunk's last-token logits
 
 Backends:
-  MLXRunner      mlx-lm's own model in fp32 with its KVCache, evaluated layer by layer (the
-                 same four lines as mlx_lm.models.llama.TransformerBlock, on its own modules)
+  MLXRunner      mlx-lm's own model in fp32 (or fp16) with its KVCache, evaluated layer by
+                 layer (the same four lines as mlx_lm.models.llama.TransformerBlock, on its
+                 own modules)
   MirrorRunner   the PyTorch mirror in fp32 with an explicit cache; its internals are observed
                  by wrapping the mirror instance's `_embed` / `_tap` hooks and the module-global
                  `F.conv2d` of export/mirror.py for the duration of one call (nothing is edited)
@@ -58,16 +59,20 @@ def tap_names(layers: int) -> list:
 
 # ---------------------------------------------------------------- MLX (mlx-lm, fp32, KVCache)
 class MLXRunner:
-    name = "mlx"
-    description = "mlx_lm (fp32, KVCache), evaluated layer by layer"
+    """mlx-lm's model in fp32 (the reference, name "mlx") or in fp16 (name "mlx_fp16": weights
+    and activations fp16, mlx-lm's own ops; the probe's fp16 error model, see export/probe.py)."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, dtype: str = "float32"):
         import mlx.core as mx
-        import mlx_lm
+
+        from mlx_student.hf_config import load
 
         self.mx = mx
-        self.model, _ = mlx_lm.load(str(model_dir))
-        self.model.set_dtype(mx.float32)
+        self.name = "mlx" if dtype == "float32" else f"mlx_{dtype.replace('float', 'fp')}"
+        self.description = f"mlx_lm ({dtype.replace('float', 'fp')}, KVCache), evaluated " \
+                           "layer by layer"
+        self.model, _ = load(model_dir)
+        self.model.set_dtype(getattr(mx, dtype))
         self.cache = None
 
     def reset(self):

@@ -34,11 +34,14 @@ and every later record must have that format's keys:
   "completion_ids": [...] (optional), "topk": [[[id, logprob], ...], ...] (optional)}``.
   The completion tokens are ``completion_ids`` when given, else the encoded
   ``completion``; eos is appended when ``finish_reason == "stop"`` (unless the ids end
-  with it already). ``topk[i]`` is the teacher's distribution for completion token i;
-  the appended eos has none. Other keys (``id``, ``reasoning``, ``teacher``, ``usage``)
+  with it already). ``topk[i]`` is the teacher's distribution for completion token i:
+  its probabilities ``exp(logprob)`` sum to at most 1 (+ 1e-6 for rounding); the
+  appended eos has none. Other keys (``id``, ``reasoning``, ``teacher``, ``usage``)
   are not used.
 
-Bad records raise ``DataError`` naming the file, the 1-based line and the field; with
+Lines are strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's json
+writes and reads by default) are refused, naming the field that holds one. Bad records
+raise ``DataError`` naming the file, the 1-based line and the field; with
 ``skip_bad_lines=True`` they are skipped and counted instead. Blank lines are ignored.
 """
 
@@ -58,6 +61,7 @@ SPLITS = ("train", "valid", "test")
 PAD_TO = 32
 # Teacher logprobs may round to slightly above 0; larger values are not log-probabilities.
 MAX_LOGPROB = 1e-4
+MAX_TOPK_MASS = 1 + 1e-6  # a top-k of one distribution sums to at most 1 (+ fp32 rounding)
 SPAN_TYPES = ("tool_name", "arguments", "integration")
 REQUIRED_KEYS = {
     "text": ("text",),
@@ -284,6 +288,13 @@ def _topk(topk, n, source, vocab_size):
                 raise _BadLine(
                     f"field {field!r}: logprob {pair[1]} is not a log-probability (<= 0)"
                 )
+        mass = math.fsum(math.exp(min(p[1], 0.0)) for p in position)
+        if mass > MAX_TOPK_MASS:
+            raise _BadLine(
+                f"field 'topk[{i}]': the probabilities sum to {mass:.6g} > 1; a top-k of "
+                "one distribution holds at most all of its mass (are these logits, or "
+                "logprobs of another temperature?)"
+            )
         ids.append([p[0] for p in position])
         logprobs.append([min(p[1], 0.0) for p in position])
     return ids, logprobs
@@ -370,6 +381,26 @@ def _pad_topk(ids, logprobs, k):
     return out_ids, out_logprobs
 
 
+class _NonJSONNumber(str):
+    """What ``NaN``, ``Infinity`` or ``-Infinity`` parses to here (json.loads' parse_constant),
+    so that the field holding one can be named."""
+
+
+def _refuse_non_json_numbers(value, field=""):
+    if isinstance(value, _NonJSONNumber):
+        raise _BadLine(
+            f"field {field!r}: {value} is not a JSON number (JSON has no NaN or infinities; "
+            "leave a zero-probability entry out of its top-k list)"
+        )
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, v in items:
+        if isinstance(v, (dict, list, _NonJSONNumber)):
+            sub = f"{field}[{key}]" if isinstance(key, int) else (
+                f"{field}.{key}" if field else key)
+            _refuse_non_json_numbers(v, sub)
+
+
 def _warn(message):
     print(f"[WARNING] {message}", file=sys.stderr)
 
@@ -394,9 +425,10 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
                 continue
             try:
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line, parse_constant=_NonJSONNumber)
                 except ValueError as e:
                     raise _BadLine(f"invalid JSON: {e}") from None
+                _refuse_non_json_numbers(record)
                 if not isinstance(record, dict):
                     raise _BadLine(f"expected a JSON object, got {_describe(record)}")
                 if fmt is None:

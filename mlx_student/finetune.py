@@ -23,7 +23,6 @@ adapters folded in as mlx_lm.fuse --dequantize does, so mlx_lm.load and mlx_stud
 read it unchanged.
 """
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,12 +36,14 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from . import model as student_model
 from .config import ConfigError, StudentConfig
+from .hf_config import mlx_overrides, read_config
 
 FINE_TUNE_TYPES = ("full", "lora", "dora")
 LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}
 QUANT_DEFAULTS = {"bits": 4, "group_size": 64}
 # config.json fields of a base that our llama cannot represent: refuse rather than drop them.
-UNSUPPORTED = {"rope_scaling": None, "attention_bias": False, "mlp_bias": False}
+# (RoPE kinds and the other shapes of foreign config.json files: mlx_student/hf_config.py.)
+UNSUPPORTED = {"attention_bias": False, "mlp_bias": False}
 
 
 def lora_settings(value) -> dict:
@@ -87,9 +88,9 @@ def base_config(folder) -> dict:
     """The `model:` fields of an mlx-lm llama folder, its tokenizer the student's default."""
     path = Path(folder) / "config.json"
     try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"init_from: {path}: cannot read: {e.strerror}") from None
+        raw = read_config(folder)
+    except ConfigError as e:
+        raise ConfigError(f"init_from: {e}") from None
     if raw.get("model_type") != "llama":
         raise ConfigError(f"{path}: model_type {raw.get('model_type')!r}: only llama bases map onto "
                           "the student (mlx_lm.models.llama)")
@@ -165,7 +166,8 @@ def build_student(config: StudentConfig, args) -> nn.Module:
     """The model a run trains: random (seeded) or cut from `args.init_from`, the base
     quantized for QLoRA, adapters attached and the base frozen unless fine_tune_type is full."""
     if args.init_from:
-        base, _ = load_model(Path(args.init_from), lazy=True)
+        base, _ = load_model(Path(args.init_from), lazy=True,
+                             model_config=mlx_overrides(read_config(args.init_from)))
         base = dequantize_model(base)
         weights = _derive(config, StudentConfig(**base_config(args.init_from)), base.parameters())
         dtype = mx.float32 if args.fine_tune_type == "full" else None  # full: fp32 masters

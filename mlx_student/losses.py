@@ -122,13 +122,21 @@ def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket
 
     * ``"renorm"``: renormalize teacher and student over the K ids (both
       softened by ``temperature``) and return ``T^2 * KL(p || q)``.
-    * ``"zero"``: treat the teacher's tail mass as zero, i.e.
-      ``sum_k p_k (log p_k - log q_k)`` with the full-vocabulary student ``q``.
+    * ``"zero"``: take the teacher's tail mass as zero: the teacher renormalized
+      over its K ids, ``p^_k = p_k / sum_j p_j``, against the full-vocabulary
+      student ``q``: ``KL(p^ || q) = sum_k p^_k (log p^_k - log q_k)``. It is >= 0
+      because ``q`` sums to at most 1 over the K ids (Gibbs' inequality), and 0
+      only when the student puts exactly ``p^`` on them and nothing elsewhere.
     * ``"bucket"``: K + 1 categories, the K ids plus one bucket holding the rest
       of the mass for both teacher and student; exact KL on that partition.
 
     Only ``"renorm"`` accepts ``temperature != 1``: for the other modes the
-    teacher's tail mass at another temperature is unknown.
+    teacher's tail mass at another temperature is unknown. Every mode is a KL
+    divergence, so the loss is >= 0 (up to fp32 rounding); "bucket" alone keeps
+    the teacher's tail mass, which truncation otherwise biases (arXiv 2503.16870).
+    Example: teacher top-2 log-probabilities ``[ln 0.5, ln 0.3]``, student
+    probabilities ``[0.6, 0.35, 0.05]``: bucket 0.139853, zero 0.051386, renorm
+    9.28e-5.
     """
     if tail not in TAILS:
         raise ValueError(f"Unknown tail {tail!r}; valid values are {TAILS}.")
@@ -156,6 +164,10 @@ def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket
     log_p = mx.where(valid, mx.minimum(teacher_lp, 0.0), 0.0)
     p = mx.where(valid, mx.exp(log_p), 0.0)
     log_q = student_k - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if tail == "zero":
+        log_mass = mx.logsumexp(mx.where(valid, log_p, _LOG_ZERO), axis=-1, keepdims=True)
+        log_p = mx.where(valid, log_p - log_mass, 0.0)
+        p = mx.where(valid, mx.exp(log_p), 0.0)
     per_token = (p * (log_p - log_q)).sum(axis=-1)
 
     if tail == "bucket":

@@ -5,7 +5,6 @@ The model class IS mlx_lm.models.llama.Model, so a saved student is a plain mlx-
 mlx_lm.generate, mlx_lm.server and transformers' LlamaForCausalLM read unchanged.
 """
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from mlx_lm.utils import save_config, save_model
 
 from .config import StudentConfig
 from .files import atomic_dir
+from .hf_config import mlx_overrides, read_config
 
 INIT_STD = 0.02
 # Projections that write into the residual stream; scaled by 1/sqrt(2 * layers) at init.
@@ -77,6 +77,6 @@ def save(path, model: nn.Module, config: StudentConfig, tokenizer, keep=(), extr
 
 def load(path, lazy: bool = False):
     """Load a student folder. Returns (model, tokenizer, StudentConfig)."""
-    model, tokenizer = mlx_lm_load(str(path), lazy=lazy)
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = read_config(path)
+    model, tokenizer = mlx_lm_load(str(path), lazy=lazy, model_config=mlx_overrides(config))
     return model, tokenizer, StudentConfig.from_mlx_config(config)

@@ -27,14 +27,13 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 import mlx.optimizers as optim
 from mlx_lm.tuner.utils import print_trainable_parameters
 from mlx_lm.utils import load_tokenizer
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint, finetune
+from . import checkpoint, finetune, hf_config, run_settings
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
@@ -158,7 +157,9 @@ def build_parser():
 def parse_args(argv=None):
     """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
-    apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot"), what="run setting")
+    args.flags_given = {k for k, v in vars(args).items() if v is not None and k != "config"}
+    _, args.setting_lines = apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot"),
+                                         what="run setting")
     return args
 
 
@@ -184,14 +185,26 @@ def plot_losses(history, path):
     os.replace(tmp, path)
 
 
-def run(args):
+def check(args) -> tuple:
+    """The run's settings, all checked before anything runs (mlx_student.run_settings): the
+    model config, then every run setting, listed together. Returns (StudentConfig, the
+    process spans' weights). Raises ConfigError."""
     config = load_config(args.config, finetune.base_config(args.init_from) if args.init_from else None)
-    try:
-        args.qat = qat_settings(args.qat)
-        weights = process_weights(args.process_weights)
-        finetune.check_settings(args, config)
-    except ValueError as e:
-        raise ConfigError(f"{args.config}: {e}") from None
+    found = run_settings.train_problems(args, {"optimizer": list(OPTIMIZERS),
+                                               "compute_dtype": list(DTYPES)})
+    weights = {}  # the process spans' weights, every type
+    checks = [(None, lambda: setattr(args, "qat", qat_settings(args.qat))),
+              (None, lambda: weights.update(process_weights(args.process_weights)))]
+    if not any(k == "num_layers" for k, _ in found):  # it compares num_layers with the model
+        checks.append((None, lambda: finetune.check_settings(args, config)))
+    if args.teacher:  # its folder read now, not after the data and the student
+        checks.append(("teacher", lambda: hf_config.read_config(args.teacher)))
+    for key, check in checks:
+        try:
+            check()
+        except ValueError as e:  # messages 'key: problem'; a ConfigError for the teacher
+            found.append((key, str(e)) if key else run_settings.from_error(e))
+    run_settings.raise_problems(found, args.config, args.setting_lines, args.flags_given)
     widths = (config.hidden_size, config.intermediate_size,
               config.num_attention_heads * config.head_dim)  # the linears' input widths
     if args.qat and args.qat["bits"] == 4 and any(w % args.qat["group_size"] for w in widths):
@@ -199,11 +212,18 @@ def run(args):
                           f"the input widths {widths}")
     if config.tokenizer is None:
         raise ConfigError(f"{args.config}: model.tokenizer: a tokenizer folder is needed to train")
+    return config, weights
+
+
+def run(args):
+    config, weights = check(args)
     if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
         default_teacher.prepare()
     tokenizer = load_tokenizer(Path(config.tokenizer))
     splits = load_dataset(args.data, tokenizer, config.vocab_size, args.max_seq_length,
                           args.skip_bad_lines, weights)
+    run_settings.raise_problems(run_settings.check_data(splits, args.batch_size), args.config,
+                                args.setting_lines, args.flags_given)
     targs = TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})
     rank = mx.distributed.init().rank()
 
@@ -228,7 +248,8 @@ def run(args):
         )
         if args.fine_tune_type != "full":
             print_trainable_parameters(model)
-    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("resume", "flags_given", "setting_lines")}
     bar = tqdm(total=args.iters, initial=start, desc="train", unit="step", disable=rank != 0)
 
     def on_report(record):
@@ -244,7 +265,7 @@ def run(args):
         checkpoint.save(out, model, config, tokenizer, optimizer, step, settings, qat)
 
     valid = splits["valid"].examples if "valid" in splits else None
-    teacher = mlx_lm.load(args.teacher)[0] if args.teacher else None
+    teacher = hf_config.load(args.teacher)[0] if args.teacher else None
     history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report,
                     on_save, teacher)
     bar.close()

@@ -181,13 +181,46 @@ def stage_teacher(p: Pilot):
     return p.stage("teacher", {"teacher": str(teacher)}, inputs, [teacher / "config.json"], run)
 
 
+def kd_mix_argv(s: dict) -> list:
+    teacher = s["teacher"]
+    opts = {k: v for k, v in s["kd_mix"].items() if k not in ("config", "out")}
+    return ["--config", s["kd_mix"]["config"], "--teacher", "local", "--model", str(teacher),
+            "--student-tokenizer", str(teacher), "--out", str(kd_dir(s)), *flags(opts)]
+
+
+def train_argv(s: dict, which: str) -> list:
+    loss = s["kd_loss"] if which == "kd" else s["control_loss"]
+    return ["--config", s["config"], "--data", str(kd_dir(s)), "--out",
+            str(Path("runs") / s["name"] / which),
+            "--loss", ",".join(f"{k}={v}" for k, v in loss.items()), *flags(s["train"])]
+
+
+def check_settings(s: dict):
+    """The kd_mix and both students' run settings, checked before the first stage runs (each
+    command's own checks: a mistake ends here, not after the teacher's hour). Raises
+    ConfigError."""
+    from mlx_student import train
+    from mlx_student.teacher import kd_mix
+
+    try:
+        kd_mix.parse_args(kd_mix_argv(s))
+    except ConfigError as e:
+        raise ConfigError(f"{s['config']}: the kd_mix stage (its config, with pilot.kd_mix as "
+                          f"flags):\n{e}") from None
+    for which in ("kd", "control"):
+        try:
+            train.check(train.parse_args(train_argv(s, which)))
+        except ConfigError as e:
+            raise ConfigError(f"{s['config']}: the {which} student's mlx_student.train settings "
+                              f"(the file's, with pilot.train and pilot.{which}_loss as flags):"
+                              f"\n{e}") from None
+
+
 def stage_kd_mix(p: Pilot):
     from mlx_student.teacher import kd_mix
 
     teacher, out = Path(p.s["teacher"]), kd_dir(p.s)
-    opts = {k: v for k, v in p.s["kd_mix"].items() if k not in ("config", "out")}
-    argv = ["--config", p.s["kd_mix"]["config"], "--teacher", "local", "--model", str(teacher),
-            "--student-tokenizer", str(teacher), "--out", str(out), *flags(opts)]
+    argv = kd_mix_argv(p.s)
 
     def run():
         result = kd_mix.run(kd_mix.parse_args(argv))
@@ -207,10 +240,8 @@ def student_dir(p: Pilot, which: str) -> Path:
 def stage_train(p: Pilot, which: str):
     from mlx_student import checkpoint, train
 
-    loss = p.s["kd_loss"] if which == "kd" else p.s["control_loss"]
     out, data = student_dir(p, which), kd_dir(p.s)
-    argv = ["--config", p.s["config"], "--data", str(data), "--out", str(out),
-            "--loss", ",".join(f"{k}={v}" for k, v in loss.items()), *flags(p.s["train"])]
+    argv = train_argv(p.s, which)
     files = [data / f"{s}.jsonl" for s in ("train", "valid")]
 
     def run():
@@ -382,6 +413,7 @@ def stage_tool_calls(p: Pilot):
 
 def run(settings: dict, force=()) -> Pilot:
 
+    check_settings(settings)
     p = Pilot(settings, force)
     p.dir.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()

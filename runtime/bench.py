@@ -20,12 +20,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 from mlx.utils import tree_flatten
+
+from mlx_student.config import ConfigError
+from mlx_student.files import write_json_atomic
 
 from .constrained import engine_vocab, json_schema_processor, tool_call_schema
 from .generate import GenerationParams, MLXEngine, generate
@@ -286,12 +290,28 @@ def build_parser():
     return p
 
 
+def check_args(args):
+    """Raise ConfigError naming each bad flag."""
+    bad = [f"--{k.replace('_', '-')}: must be integers >= 1, got {v}" for k, v in (
+        ("prompt_lengths", args.prompt_lengths), ("decode_tokens", [args.decode_tokens]),
+        ("reps", [args.reps]), ("draft_k", args.draft_k)) if min(v) < 1]
+    if args.draft_bits not in (0, 2, 3, 4, 5, 6, 8):
+        bad.append(f"--draft-bits: {args.draft_bits} is not 0 (off) or 2, 3, 4, 5, 6, 8")
+    if bad:
+        raise ConfigError("\n".join(bad))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    r = run(args)
+    try:
+        check_args(args)
+        r = run(args)
+    except ConfigError as e:  # hf_config.FolderConfigError too: a folder named by file and key
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(r, indent=2, default=str))
+    write_json_atomic(out / "bench.json", r)
     md = markdown(r)
     (out / "bench.md").write_text(md)
     plot(r, out / "bench.png")

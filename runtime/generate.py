@@ -24,7 +24,8 @@ from mlx_lm.generate import generate_step, generation_stream, speculative_genera
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import load as mlx_lm_load
+
+from mlx_student.hf_config import load as load_folder
 
 from mlx_student.messages import calls_in_content
 
@@ -43,7 +44,7 @@ class MLXEngine:
     @classmethod
     def load(cls, path, lazy: bool = False) -> "MLXEngine":
         tic = time.perf_counter()
-        model, tokenizer = mlx_lm_load(str(path), lazy=lazy)
+        model, tokenizer = load_folder(path, lazy=lazy)
         mx.eval(model.parameters())
         return cls(model, tokenizer, path, time.perf_counter() - tic)
 

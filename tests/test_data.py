@@ -365,7 +365,13 @@ BAD_KD = [
      r"field 'topk\[1\]': expected a list of \[id, logprob\] pairs"),
     ("positive logprob", kd(topk=[[[504, 0.5]], [[2, -0.2]]]),
      r"field 'topk\[0\]\[0\]': logprob 0\.5 is not a log-probability"),
-    ("nan logprob", NAN_LINE, r"field 'topk\[1\]\[0\]': logprob nan is not a log-probability"),
+    ("NaN literal", NAN_LINE, r"field 'topk\[1\]\[0\]\[1\]': NaN is not a JSON number"),
+    ("-Infinity literal", NAN_LINE.replace("NaN", "-Infinity"),
+     r"field 'topk\[1\]\[0\]\[1\]': -Infinity is not a JSON number"),
+    ("Infinity in any field", json.dumps(kd(usage={"seconds": 1})).replace("1}", "Infinity}"),
+     r"field 'usage\.seconds': Infinity is not a JSON number"),
+    ("top-k mass above 1", kd(topk=[[[504, math.log(0.8)], [7, math.log(0.5)]], [[2, -0.2]]]),
+     r"field 'topk\[0\]': the probabilities sum to 1\.3 > 1"),
     ("prompt ends with assistant", kd(messages=[USER, ASSISTANT]),
      r"field 'messages': a KD prompt must not end with an assistant"),
     ("finish_reason not a string", kd(finish_reason=1),
@@ -403,9 +409,11 @@ def test_first_line_format_applies_to_all(tmp_path, tokenizer):
         load(tmp_path, tokenizer, [{"text": "a"}, {"prompt": "p", "completion": "c"}])
 
 
-def test_logprob_is_float_and_neg_inf_allowed(tmp_path, tokenizer):
+def test_a_position_without_top_k_has_no_kd_target(tmp_path, tokenizer):
+    """A zero-probability entry is left out (JSON has no -Infinity); an empty list is a
+    position with no teacher target, padded with -inf in memory and masked out."""
     line = ('{"messages": [{"role": "user", "content": "Hi"}], "completion": "x", '
-            '"finish_reason": "length", "completion_ids": [504], "topk": [[[504, -Infinity]]]}')
+            '"finish_reason": "length", "completion_ids": [504], "topk": [[]]}')
     split = load(tmp_path, tokenizer, [line, line])
     assert math.isinf(split.examples[0].topk_logprobs[0, 0])
     assert one_batch(split.examples)["kd_mask"].sum() == 0

@@ -40,6 +40,16 @@ def test_bad_settings_are_reported(tmp_path):
         cli.parse_args([])
     with pytest.raises(SystemExit):
         cli.parse_args(["--model", "x", "--weights", "int3"])
+    cfg.write_text("model: runs/a\ncompression:\n  lut_group_size: 0\nfp16_margin: 0.5\n")
+    with pytest.raises(ConfigError) as e:  # each checked at load, where it was set
+        cli.parse_args(["--config", str(cfg), "--prefill-lengths", "0", "--block-size", "0",
+                        "--calibration-tokens", "0"])
+    assert str(e.value).splitlines()[1:] == [
+        "  --prefill-lengths: must be a list of integers >= 1 (or null), got [0]",
+        f"  {cfg}:4: fp16_margin: must be a number >= 1 (taps stay below 65504 / it), got 0.5",
+        "  --calibration-tokens: must be an integer >= 2, got 0",
+        "  --block-size: must be an integer >= 1, got 0",
+        f"  {cfg}:3: compression.lut_group_size: must be an integer >= 1, got 0"]
 
 
 def test_plan_and_its_errors():

@@ -14,6 +14,7 @@ from conftest import ROOT, train_argv
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from export import cli, probe
 from mlx_student import checkpoint, finetune, train
 from mlx_student import model as student_model
 from mlx_student.config import ConfigError, StudentConfig, load_config
@@ -55,10 +56,15 @@ def test_lora_kd_lowers_the_loss_and_the_fused_folder_loads_exports_and_probes(t
     ref, _ = mlx_lm.load(str(base))
     linear_to_lora_layers(ref, -1, finetune.lora_settings({}))
     ref.load_weights(list(adapters.items()), strict=False)
-    np.testing.assert_allclose(np.array(fused(ids)), np.array(ref(ids)), rtol=1e-4, atol=1e-4)
+    want = np.array(ref(ids), np.float64)
+    rel = lambda x: np.linalg.norm(np.array(x, np.float64) - want) / np.linalg.norm(want)  # noqa
+    # fp32 vs fp32 (folded W + s B A vs the LoRA layers), bounded by the probe's error model:
+    # below 1/8 of what fp16 rounding does to this model (export/probe.py, mirror_err_ratio)
+    fused_err = rel(fused(ids))
+    ref.set_dtype(mx.float16)
+    assert fused_err < max(rel(ref(ids)), probe.FP16_UNIT_ROUNDOFF) * probe.COMMON_GATES[
+        "mirror_err_ratio"], fused_err
     assert not np.allclose(np.array(fused(ids)), np.array(mlx_lm.load(str(base))[0](ids)), atol=1e-3)
-
-    from export import cli, probe
 
     art = tmp_path / "art"
     cli.main(["--model", str(out), "--out", str(art), "--weights", "fp16", "--embedding", "fp16",

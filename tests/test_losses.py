@@ -76,6 +76,8 @@ def ref_topk_kd(logits, ids, logprobs, mask, T=1.0, tail="bucket"):
         if tail == "renorm":
             return T**2 * np_kl(np_log_softmax(lp / T), np_log_softmax(x[idx] / T))
         q = np.exp(np_log_softmax(x))[idx]
+        if tail == "zero":  # the teacher renormalized over its top-k
+            lp = lp - np.log(np.exp(lp).sum())
         p = np.exp(lp)
         loss = np.sum(p * (lp - np.log(q)))
         if tail == "bucket":
@@ -279,6 +281,24 @@ def test_topk_with_full_vocab_equals_forward_kl(tail, T):
     loss = losses.topk_kd(m["logits"], ids, logprobs, m["mask"], T, tail)
     expected = losses.forward_kl(m["logits"], m["teacher_logits"], m["mask"], T)
     close(loss, expected.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_tails_on_a_truncated_teacher_are_divergences():
+    """Teacher top-2 [ln 0.5, ln 0.3] (tail mass 0.2) vs student [0.6, 0.35, 0.05]: every tail
+    is a KL divergence (>= 0), against numpy on the formulas of the topk_kd docstring."""
+    p, q = np.array([0.5, 0.3]), np.array([0.6, 0.35, 0.05])
+    p_hat, q_hat = p / p.sum(), q[:2] / q[:2].sum()
+    want = {"bucket": np.sum(p * np.log(p / q[:2])) + 0.2 * np.log(0.2 / 0.05),
+            "zero": np.sum(p_hat * np.log(p_hat / q[:2])),
+            "renorm": np.sum(p_hat * np.log(p_hat / q_hat))}
+    assert want["bucket"] == pytest.approx(0.139853, abs=5e-7)
+    assert want["renorm"] == pytest.approx(9.28e-5, abs=5e-7)
+    args = (mx.array(np.log(q)[None, None]), mx.array([[[0, 1]]]),
+            mx.array(np.log(p)[None, None].astype(np.float32)), mx.ones((1, 1)))
+    for tail in TAILS:
+        got = losses.topk_kd(*args, tail=tail)
+        close(got, want[tail])
+        assert got.item() >= 0, tail
 
 
 @pytest.mark.parametrize("tail", TAILS)

@@ -232,3 +232,23 @@ def test_a_server_that_cannot_start_reports_its_log(tmp_path):
         with teacher_server.serve(tmp_path / "no-such-model", log_path=log, timeout=60):
             pass
     assert str(log) in str(e.value) and "no-such-model" in str(e.value)  # the cause, from the log
+
+
+def test_zero_probability_alternatives_are_left_out_and_records_stay_json(tokenizer, tmp_path):
+    """A -inf logprob (zero probability) is no target and not JSON: the record drops it, and
+    the KD writer refuses any non-finite number rather than write -Infinity."""
+    import math
+    import os
+
+    from mlx_student.teacher import http, kd_mix
+
+    alternatives = [{"id": 7, "logprob": -0.5}, {"id": 9, "logprob": -math.inf},
+                    {"id": 3, "logprob": -0.5}]
+    assert http.sorted_topk(tokenizer, alternatives, 49152) == [[3, -0.5], [7, -0.5]]
+    fd = os.open(tmp_path / "kd.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            kd_mix.append(fd, {"topk": [[[9, -math.inf]]]})
+    finally:
+        os.close(fd)
+    assert (tmp_path / "kd.jsonl").read_bytes() == b""

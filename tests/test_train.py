@@ -78,3 +78,32 @@ def test_cli_reports_bad_settings_with_file_and_line(tmp_path):
     line = len(text.splitlines())
     assert f"{config}:{line}: batchsize: unknown run setting" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_settings_are_checked_at_load_and_listed_together(tmp_path, kd_data, capsys):
+    """Every bad run setting is named with its file and line (or its flag) before anything
+    runs, and a batch larger than the data is refused at load, not at step 1."""
+    config = tmp_path / "run.yaml"
+    text = (ROOT / "configs/tiny.yaml").read_text().replace(
+        "models/smollm2", str(ROOT / "models/smollm2"))
+    lines = text.splitlines()
+    text += "jsd_beta: 1.0\nloss:\n  jsd: 1.0\nwarmup: -1\noptimizer: adam\n"
+    config.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "mlx_student.train", "--config", str(config),
+                           "--learning-rate", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    n = len(lines)
+    for want in (f"{config}:{n + 1}: jsd_beta: must be a number in (0, 1)",
+                 f"{config}:{n + 2}: loss: jsd distil a teacher's full logits",
+                 f"{config}:{n + 4}: warmup: must be an integer >= 0, got -1",
+                 f"{config}:{n + 5}: optimizer: 'adam' is not one of adamw, adafactor, sgd",
+                 "--learning-rate: must be a number > 0, got 0.0"):
+        assert want in proc.stderr, (want, proc.stderr)
+    assert "5 setting problems" in proc.stderr
+
+    with pytest.raises(SystemExit) as e:
+        train.main(train_argv(tmp_path, kd_data, "--batch-size", "8", loss={"topk_kd": 1.0}))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"--batch-size: 8 is more than the 6 sequences of {kd_data / 'train.jsonl'}" in err
+    assert not (tmp_path / "student").exists()

@@ -230,7 +230,8 @@ def _token_id(tokenizer, entry):
 
 def sorted_topk(tokenizer, alternatives, vocab_size) -> list:
     """One position's alternatives as [[id, logprob], ...], sorted by logprob descending
-    (ties by id); validated: ids unique and in the vocabulary, logprobs finite and <= 0."""
+    (ties by id); validated: ids unique and in the vocabulary, logprobs <= 0; -inf ones
+    (zero probability: no target, and not JSON) are left out."""
     pairs = {}
     for entry in alternatives:
         token_id, logprob = _token_id(tokenizer, entry), entry.get("logprob")
@@ -240,7 +241,8 @@ def sorted_topk(tokenizer, alternatives, vocab_size) -> list:
             raise AlignmentError(f"logprob {logprob!r} of token {token_id} is not a log-probability")
         if token_id in pairs:
             raise AlignmentError(f"token id {token_id} is listed twice at one position")
-        pairs[token_id] = min(float(logprob), 0.0)
+        if logprob > -math.inf:  # a zero-probability alternative carries no target
+            pairs[token_id] = min(float(logprob), 0.0)
     return sorted(([i, lp] for i, lp in pairs.items()), key=lambda p: (-p[1], p[0]))
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, apply_config
 from ..files import write_json_atomic
+from ..run_settings import choice, integer, number, problems, raise_problems
 from . import default as default_teacher
 from . import prompts
 from . import server as teacher_server
@@ -132,10 +133,21 @@ def _check_sources(sources, where):
                               f"{', '.join(prompts.BUILDERS)}; or give `jsonl: FILE`")
 
 
+FRACTION = number(lambda x: 0 <= x < 1, "a number in [0, 1)")
+RULES = {"num_records": integer(1), "seed": integer(0), "valid_fraction": FRACTION,
+         "test_fraction": FRACTION, "temperature": number(lambda x: x >= 0, "a number >= 0"),
+         "top_p": number(lambda x: 0 < x <= 1, "a number in (0, 1]"), "max_tokens": integer(1),
+         "top_k": integer(0), "batch_size": integer(1), "concurrency": integer(1),
+         "timeout": number(lambda x: x > 0, "a number > 0 (seconds)"), "max_retries": integer(0),
+         "rpm": number(lambda x: x >= 0, "a number >= 0"), "teacher": choice(TEACHERS)}
+
+
 def parse_args(argv=None):
     """Command line over the config file over CONFIG_DEFAULTS; settings checked."""
     args = build_parser().parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     settings, lines = apply_config(args, CONFIG_DEFAULTS)
+    raise_problems(problems(args, RULES), args.config, lines, given)
     if args.prompts:
         args.sources = [{"name": Path(args.prompts).stem, "jsonl": args.prompts, "weight": 1.0}]
     _check_sources(args.sources, f"{args.config}:{lines.get('sources', 1)}" if "sources" in settings
@@ -177,7 +189,7 @@ def scan(path):
 
 def append(fd, record):
     """Append one record as one whole line (one write on an O_APPEND descriptor)."""
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
     while data:
         data = data[os.write(fd, data):]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from ..hf_config import load
 from ..messages import calls_in_content, normalize_messages
 from .http import Completion
 
@@ -47,14 +47,15 @@ class LocalTeacherArgs:
 
 def topk_rows(logprobs: mx.array, k: int) -> list:
     """Per row of a (B, V) log-probability matrix, its k largest entries as
-    [[id, logprob], ...] sorted by logprob descending (ties by id)."""
+    [[id, logprob], ...] sorted by logprob descending (ties by id); zero-probability (-inf)
+    entries are left out (JSON has no -Infinity)."""
     idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(logprobs, idx, axis=-1).astype(mx.float32)
     idx, values = np.array(idx), np.array(values)
     out = []
     for i, v in zip(idx, values):
         order = np.lexsort((i, -v))
-        out.append([[int(i[j]), min(float(v[j]), 0.0)] for j in order])
+        out.append([[int(i[j]), min(float(v[j]), 0.0)] for j in order if v[j] > -np.inf])
     return out
 
 
@@ -69,7 +70,7 @@ class LocalTeacher:
 
     def __init__(self, args: LocalTeacherArgs):
         self.args = args
-        self.model, self.tokenizer = load(str(Path(args.model)))
+        self.model, self.tokenizer = load(Path(args.model))
         self.endpoint = "local"
         self.retries = 0  # as HTTPTeacher's; nothing is retried in process
 
