@@ -37,7 +37,7 @@ from mlx_student.teacher.http import TeacherError
 from .backends import BACKEND_DEFAULTS, add_backend_args, make_backend
 from .extract import ClaimifyConfig, claimify
 from .kd import KD_SPLITS, kd_records
-from .split import AnswerError, read_text
+from .split import AnswerError, read_text, split_answer
 from .verify import EvidenceIndex, VerifyConfig, llm_judge, load_manifest, verify_claims
 
 CONFIG_DEFAULTS = {
@@ -156,6 +156,8 @@ def write_kd(path, pairs, backend, args, calls_total):
 def run(args):
     answers = read_answers(args)
     cfg, vcfg = dataclass_from(args, ClaimifyConfig), dataclass_from(args, VerifyConfig)
+    for a in answers:  # bad answers fail before any model is loaded
+        split_answer(a["answer"], max_sentence_chars=cfg.max_sentence_chars, where=a["where"])
     index = EvidenceIndex(load_manifest(args.evidence), str(args.evidence)) if args.evidence else None
     if not args.out:
         raise ConfigError("give --out (the output folder)")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from .split import MAX_SENTENCE_CHARS, split_answer
-from .stages import SCHEMAS, STAGES, parse, stage_messages
+from .stages import STAGES, parse, stage_messages, stage_schema
 
 
 @dataclass
@@ -60,9 +60,10 @@ def _ask(backend, calls, stage, sentence, text, question, n, cfg):
     temperature = cfg.temperature if n > 1 else 0.0
     messages = stage_messages(stage, text, question, sentence.preceding, sentence.following)
     task = {"stage": stage, "sentence": text, "original": sentence.text, "question": question}
-    outputs = backend.complete(messages, SCHEMAS[stage], n=n, temperature=temperature, task=task,
+    schema = stage_schema(stage, text)
+    outputs = backend.complete(messages, schema, n=n, temperature=temperature, task=task,
                                seed=cfg.seed + 1000 * sentence.index)
-    parsed = [parse(stage, o.text) for o in outputs]
+    parsed = [parse(stage, o.text, schema) for o in outputs]
     calls.append(StageCall(stage, sentence.index, messages, outputs, parsed, temperature))
     return parsed
 

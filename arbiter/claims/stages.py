@@ -75,8 +75,33 @@ SYSTEM = {
 }
 
 
-def _format_note(stage):
-    return "Answer with one JSON object matching this schema: " + json.dumps(SCHEMAS[stage])
+ASK = {
+    "selection": "Does the sentence state a specific fact that can be checked?",
+    "disambiguation": "Can the sentence be rewritten to stand alone with one clear meaning?",
+    "decomposition": "What are the sentence's atomic claims?",
+    "entailment": "Does the evidence entail, contradict, or not decide the claim?",
+}
+
+
+def stage_schema(stage: str, sentence: str = "") -> dict:
+    """The stage's schema, with string lengths bounded by the sentence's: Selection keeps a
+    part of it; a rewrite may add the references it resolves. The bound also stops a weak
+    model from repeating itself until max_tokens inside a string."""
+    schema = json.loads(json.dumps(SCHEMAS[stage]))
+    limit = min(MAX_TEXT, 2 * len(sentence) + 40)
+    props = schema["properties"]
+    if stage == "selection":
+        props["kept"]["maxLength"] = min(MAX_TEXT, len(sentence))
+    elif stage == "disambiguation":
+        props["rewritten"]["maxLength"] = limit
+    elif stage == "decomposition":
+        props["clarified"]["maxLength"] = limit
+        props["claims"]["items"]["maxLength"] = limit
+    return schema
+
+
+def _system(stage, schema):
+    return f"{SYSTEM[stage]}\nAnswer with one JSON object matching this schema: {json.dumps(schema)}"
 
 
 def stage_messages(stage: str, sentence: str, question=None, preceding=(), following=()) -> list:
@@ -85,22 +110,21 @@ def stage_messages(stage: str, sentence: str, question=None, preceding=(), follo
     excerpt = " ".join([*preceding, f"[{sentence}]", *following])
     user = (f"Question: {question or '(none)'}\n"
             f"Excerpt (the sentence in brackets): {excerpt}\n"
-            f"Sentence: {sentence}")
-    return [{"role": "system", "content": f"{SYSTEM[stage]}\n{_format_note(stage)}"},
+            f"Sentence: {sentence}\n{ASK[stage]}")
+    return [{"role": "system", "content": _system(stage, stage_schema(stage, sentence))},
             {"role": "user", "content": user}]
 
 
 def entailment_messages(claim: str, evidence: str) -> list:
-    return [{"role": "system", "content": f"{SYSTEM['entailment']}\n{_format_note('entailment')}"},
-            {"role": "user", "content": f"Evidence: {evidence}\nClaim: {claim}"}]
+    return [{"role": "system", "content": _system("entailment", SCHEMAS["entailment"])},
+            {"role": "user", "content": f"Evidence: {evidence}\nClaim: {claim}\n{ASK['entailment']}"}]
 
 
-def parse(stage: str, text: str):
-    """The stage output as a dict, or None when it is not one JSON object valid under the
-    stage's schema."""
+def parse(stage: str, text: str, schema=None):
+    """The stage output as a dict, or None when it is not one JSON object valid under
+    `schema` (default: the stage's unbounded schema)."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return None
-    validator = jsonschema.Draft202012Validator(SCHEMAS[stage])
-    return obj if validator.is_valid(obj) else None
+    return obj if jsonschema.Draft202012Validator(schema or SCHEMAS[stage]).is_valid(obj) else None
