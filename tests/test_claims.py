@@ -237,3 +237,16 @@ def test_constrained_stage_outputs_always_parse(tmp_path, tokenizer):
     backend.constrained, backend.max_tokens = False, 40
     outs = backend.complete(stage_messages("selection", sentence), SCHEMAS["selection"], n=4, temperature=1.0)
     assert sum(parse("selection", o.text) is not None for o in outs) == 0
+
+
+def test_default_teacher_smoke(teacher_dir):
+    """The real default teacher, one constrained Selection: it parses, and the stored top-k is
+    the grammar-masked distribution the greedy tokens were taken from."""
+    from runtime.generate import MLXEngine
+
+    backend = EngineBackend(MLXEngine.load(teacher_dir), "teacher", max_tokens=160, top_k=4)
+    sentence = "Python's sort uses the Timsort algorithm."
+    schema = stage_schema("selection", sentence)
+    out = backend.complete(stage_messages("selection", sentence, "Which sort does Python use?"), schema)[0]
+    assert out.finish_reason == "stop" and parse("selection", out.text, schema) is not None
+    assert [top[0][0] for top in out.topk] == out.completion_ids

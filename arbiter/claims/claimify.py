@@ -156,15 +156,16 @@ def write_kd(path, pairs, backend, args, calls_total):
 def run(args):
     answers = read_answers(args)
     cfg, vcfg = dataclass_from(args, ClaimifyConfig), dataclass_from(args, VerifyConfig)
-    for a in answers:  # bad answers fail before any model is loaded
-        split_answer(a["answer"], max_sentence_chars=cfg.max_sentence_chars, where=a["where"])
+    # bad answers fail before any model is loaded
+    sentences = sum(len(split_answer(a["answer"], max_sentence_chars=cfg.max_sentence_chars, where=a["where"]))
+                    for a in answers)
     index = EvidenceIndex(load_manifest(args.evidence), str(args.evidence)) if args.evidence else None
     if not args.out:
         raise ConfigError("give --out (the output folder)")
     backend, described = make_backend(args, top_k=args.kd_top_k if args.emit_kd else 0)
     tic = time.perf_counter()
     results, calls, claims = [], [], []
-    with tqdm(total=None, desc="claimify", unit="sent", dynamic_ncols=True) as bar:
+    with tqdm(total=sentences, desc="claimify", unit="sent", dynamic_ncols=True) as bar:
         for a in answers:
             result, answer_calls = claimify(a["answer"], backend, cfg, a["question"], a["id"], a["where"], bar)
             validate(result, "claims_extraction", source=f"extraction of {a['where']}")
@@ -175,6 +176,7 @@ def run(args):
         if index is not None:
             bar.reset(total=len(claims))
             bar.set_description("verify")
+            bar.unit = "claim"
             judge = llm_judge(backend, vcfg.judge_votes, vcfg.judge_temperature, calls)
             verification = verify_claims(claims, index, judge, vcfg, backend.name, bar)
     valid = Counter()

@@ -148,6 +148,7 @@ def run(args):
         extracted = [(c, r["sentences"][c["sentence"]]["text"]) for r in results for c in r["claims"]]
         bar.reset(total=len(extracted) + len(gold_claims))
         bar.set_description("judge")
+        bar.unit = "claim"
         judged = []
         for c, sentence in extracted:
             judged.append(judge(c["text"], {"id": f"sentence:{c['id']}", "text": sentence}))
