@@ -119,10 +119,11 @@ def table_judge(labels):
     return judge
 
 
-@pytest.mark.parametrize("claim,labels,outcome", [
+OUTCOME_CASES = [
     ("Monty wrote comedy sketches.", {}, "no_evidence"),
     ("The deque supports fast appends at both ends.", {}, "identical"),
-    ("A deque appends quickly on both ends.", {("A deque appends quickly on both ends.", "a#0"): (1.0, 0.0)}, "supported"),
+    ("A deque appends quickly on both ends.",
+     {("A deque appends quickly on both ends.", "a#0"): (1.0, 0.0)}, "supported"),
     ("Indexed access is fast in the middle of a deque.",
      {("Indexed access is fast in the middle of a deque.", "a#1"): (0.0, 1.0)}, "contradiction"),
     ("Deques append fast at both ends, because they are lists.",
@@ -132,11 +133,17 @@ def table_judge(labels):
      {("Indexed access in the middle of a deque is slow.", "a#1"): (0.6, 0.0),
       ("Indexed access in the middle of a deque is slow.", "b#0"): (0.0, 0.55)}, "mixed_insufficient"),
     ("Indexed access is fast in the middle.", {}, "mixed_insufficient"),  # covered words, undecided
-])
+]
+
+
+@pytest.mark.parametrize("claim,labels,outcome", OUTCOME_CASES)
 def test_seven_outcomes(claim, labels, outcome):
     row = verify_claim(claim, EvidenceIndex(MANIFEST), table_judge(labels), VerifyConfig())
     assert row["outcome"] == outcome, row
-    assert set(OUTCOMES) >= {outcome}
+
+
+def test_outcome_cases_cover_all_seven():
+    assert {case[2] for case in OUTCOME_CASES} == set(OUTCOMES)
 
 
 def test_thresholds_come_from_config():
@@ -222,7 +229,7 @@ def test_gold_set_oracle_scores_100_and_the_check_can_fail(tmp_path):
 
 def test_constrained_stage_outputs_always_parse(tmp_path, tokenizer):
     """A random tiny model sampled at temperature 1: every constrained output is schema-valid;
-    unconstrained, (almost) none is."""
+    unconstrained (40 tokens), none is."""
     from conftest import save_tiny
     from runtime.generate import MLXEngine
 

@@ -55,7 +55,8 @@ def test_bad_answers_jsonl_and_manifest_name_file_line_field(tmp_path, capsys):
     assert err == f"error: {answers}:2: field 'answer': expected a string"
     answers.write_text(json.dumps({"answer": "Fine."}) + "\n")
     manifest = tmp_path / "ev.json"
-    manifest.write_text(json.dumps({"id": "m", "items": [{"id": "bad id!", "kind": "document", "source": "x", "text": "t"}]}))
+    item = {"id": "bad id!", "kind": "document", "source": "x", "text": "t"}
+    manifest.write_text(json.dumps({"id": "m", "items": [item]}))
     err = fail(["--answers", str(answers), "--evidence", str(manifest), "--out", str(tmp_path / "out")], capsys)
     assert err == (f"error: {manifest}: $.items[0].id: 'bad id!' does not match '^[A-Za-z0-9_.:-]{{1,64}}$' "
                    "(rule: pattern)")

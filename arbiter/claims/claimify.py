@@ -121,7 +121,8 @@ def markdown(results, verification) -> str:
         for s in r["sentences"]:
             why = "" if s["status"] == "kept" else f"{s['stage']}: {s['reason']}"
             text = "<br>".join(claims[c] for c in s["claims"])
-            lines.append(f"| {s['index']} | {s['text']} | {s['status'] == 'kept'} | {why} | {text} |".replace("\n", " "))
+            row = f"| {s['index']} | {s['text']} | {s['status'] == 'kept'} | {why} | {text} |"
+            lines.append(row.replace("\n", " "))
         lines.append("")
     if verification:
         lines += ["## Verification", "", "| claim | status | outcome | support | contradict | coverage |",
@@ -183,7 +184,8 @@ def run(args):
     for c in calls:
         valid[c.stage, "valid"] += sum(p is not None for p in c.parsed)
         valid[c.stage, "total"] += len(c.parsed)
-    summary = {"backend": described, "answers": len(results), "sentences": sum(r["stats"]["sentences"] for r in results),
+    summary = {"backend": described, "answers": len(results),
+               "sentences": sum(r["stats"]["sentences"] for r in results),
                "kept": sum(r["stats"]["kept"] for r in results), "claims": len(claims),
                "schema_valid": {stage: {"valid": valid[stage, "valid"], "total": valid[stage, "total"]}
                                 for stage in sorted({c.stage for c in calls})},

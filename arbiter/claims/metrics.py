@@ -93,9 +93,10 @@ def verification_scores(rows: list, gold_claims: list) -> dict:
     gold = [STATUS[g["outcome"]] == "VERIFIED" for g in gold_claims]
     tp = sum(p and g for p, g in zip(pred, gold))
     n = len(rows)
+    statuses = sum(r["status"] == STATUS[g["outcome"]] for r, g in zip(rows, gold_claims))
+    outcomes = sum(r["outcome"] == g["outcome"] for r, g in zip(rows, gold_claims))
     return {**prf(tp, sum(pred), sum(gold)), "claims": n,
-            "status_accuracy": sum(r["status"] == STATUS[g["outcome"]] for r, g in zip(rows, gold_claims)) / n if n else 0.0,
-            "outcome_accuracy": sum(r["outcome"] == g["outcome"] for r, g in zip(rows, gold_claims)) / n if n else 0.0,
+            "status_accuracy": statuses / n if n else 0.0, "outcome_accuracy": outcomes / n if n else 0.0,
             "histogram": {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES},
             "gold_histogram": {o: sum(g["outcome"] == o for g in gold_claims) for o in OUTCOMES}}
 

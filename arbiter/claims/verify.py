@@ -22,7 +22,7 @@ Outcomes (the seed system's 7 kinds) and statuses, decided in this order; thresh
 | identical | the normalised claim is a substring of a retrieved passage | VERIFIED |
 | mixed_insufficient | one passage supports (>= support) and one contradicts (>= contradict) | INSUFFICIENT_EVIDENCE |
 | supported | a passage supports it | VERIFIED |
-| right_answer_wrong_rationale | a claim "X because Y" (since, due to, ...) is not supported, but X alone is | UNVERIFIED |
+| right_answer_wrong_rationale | "X because Y" (since, due to, ...) is not supported, but X is | UNVERIFIED |
 | contradiction | a passage contradicts it | UNVERIFIED |
 | retrieval_mismatch | neither, and the best passage covers < coverage of its content words | INSUFFICIENT_EVIDENCE |
 | mixed_insufficient | neither, though the evidence covers its words | INSUFFICIENT_EVIDENCE |
