@@ -82,19 +82,22 @@ class EngineBackend:
         return outputs
 
     def sampled_topk(self, prompt: list, completion: list, schema) -> list:
-        """Per completion token, the top-k of the distribution it was decoded from: one
-        forward pass over prompt + completion, each position's logits masked by a replay of
-        the grammar (when constrained) exactly as during decoding, then log-softmax."""
-        tokens = list(prompt) + list(completion)
-        logits = self.engine(mx.array(tokens)[None], cache=self.engine.make_cache())[0]
-        logits = logits[len(prompt) - 1:len(tokens) - 1].astype(mx.float32)
+        """Per completion token, the top-k of the distribution it was decoded from: the
+        engine's next-token logits, step by step through its own cache (a CoreML engine gives
+        the last position only), masked by a replay of the grammar (when constrained) exactly
+        as during decoding, then log-softmax."""
+        cache = self.engine.make_cache()
+        logits = self.engine(mx.array(prompt)[None], cache=cache)
         processor = self._processor(schema) if self.constrained else None
-        out = []
-        for j in range(len(completion)):
-            row = logits[j]
+        tokens, out = list(prompt), []
+        for j, token in enumerate(completion):
+            row = logits[0, -1].astype(mx.float32)
             if processor is not None:
-                row = processor(mx.array(tokens[:len(prompt) + j]), row[None])[0]
+                row = processor(mx.array(tokens), row[None])[0]
             out.append(_finite_topk(row - mx.logsumexp(row), self.top_k))
+            tokens.append(token)
+            if j + 1 < len(completion):
+                logits = self.engine(mx.array([[token]]), cache=cache)
         return out
 
 

@@ -31,7 +31,6 @@ Outcomes (the seed system's 7 kinds) and statuses, decided in this order; thresh
 import json
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 from rank_bm25 import BM25Okapi
@@ -206,7 +205,3 @@ def verify_claims(claims: list, index: EvidenceIndex, judge: Callable, cfg: Veri
     }
     validate(report, "claims_verification", source="verification report")
     return report
-
-
-def read_manifest_index(path) -> EvidenceIndex:
-    return EvidenceIndex(load_manifest(path), str(Path(path)))
