@@ -160,7 +160,9 @@ class HTTPTeacher:
         self.limiter = RateLimiter(args.rpm)
         self.retries = 0  # retried attempts, all requests together
 
-    def body(self, messages, tools=None, tool_choice=None) -> dict:
+    def body(self, messages, tools=None, tool_choice=None, extra=None) -> dict:
+        """The request body; `extra` (e.g. `response_format`, `seed`, a per-request
+        `temperature`) is merged in last."""
         a = self.args
         messages = normalize_messages(messages, arguments="string")  # MessageError names the field
         body = {"model": a.model, "messages": messages, "temperature": a.temperature,
@@ -171,13 +173,14 @@ class HTTPTeacher:
             body["tool_choice"] = tool_choice
         if a.top_logprobs:
             body.update(logprobs=True, top_logprobs=a.top_logprobs)
+        body.update(extra or {})
         return body
 
-    async def complete(self, messages, tools=None, tool_choice=None) -> Completion:
+    async def complete(self, messages, tools=None, tool_choice=None, extra=None) -> Completion:
         """One chat completion; `tools` / `tool_choice` are passed as OpenAI's (tool calls
-        come back in `Completion.tool_calls`)."""
+        come back in `Completion.tool_calls`); `extra` body fields as in `body`."""
         a = self.args
-        body = self.body(messages, tools, tool_choice)
+        body = self.body(messages, tools, tool_choice, extra)
         for attempt in range(a.max_retries + 1):
             wait = None
             await self.limiter.wait()
