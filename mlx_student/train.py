@@ -158,7 +158,7 @@ def build_parser():
 def parse_args(argv=None):
     """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
-    apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot"), what="run setting")
+    apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot", "judge"), what="run setting")
     return args
 
 
