@@ -61,13 +61,18 @@ def test_padding_does_not_change_a_score(judge_and_config, tokenizer):
     np.testing.assert_allclose(np.array(c_alone[0]), np.array(c_both[0]), atol=tol)
 
 
-def test_encode_keeps_the_candidate_start_and_the_eos(tokenizer):
-    ids = judge_model.encode(tokenizer, "word " * 200, "candidate text " * 100, 64)
-    assert len(ids) == 64 and ids[-1] == tokenizer.eos_token_id
-    sep = tokenizer.encode(judge_model.SEPARATOR + "candidate", add_special_tokens=False)
-    text = tokenizer.decode(ids[:-1])
-    assert "### Candidate\ncandidate text" in text and text.startswith(" word") or "word" in text[:10]
-    assert len(ids) - 1 - 64 // 4 < len(sep) + 200  # the prompt kept a quarter of the budget
+def test_encode_cuts_the_prompt_start_and_the_candidate_end(tokenizer):
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    eos = tokenizer.eos_token_id
+    p, c = enc("Is this right?"), enc(judge_model.SEPARATOR + "Yes.")
+    assert judge_model.encode(tokenizer, "Is this right?", "Yes.", 64) == p + c + [eos]  # whole
+    long_p, long_c = enc(" word" * 200), enc(judge_model.SEPARATOR + "candidate text" * 100)
+    ids = judge_model.encode(tokenizer, " word" * 200, "candidate text" * 100, 64)
+    # 63 tokens + eos: the prompt keeps its last quarter of the budget, the candidate its start
+    assert ids == long_p[-(63 // 4):] + long_c[:63 - 63 // 4] + [eos]
+    short_p = enc("Q?")
+    ids = judge_model.encode(tokenizer, "Q?", "candidate text" * 100, 64)
+    assert ids == short_p + long_c[:63 - len(short_p)] + [eos]
 
 
 def test_pair_loss_matches_numpy():

@@ -91,7 +91,7 @@ def encode(tokenizer, prompt: str, candidate: str, max_length: int,
     budget = max_length - 1
     c = c[: budget - min(len(p), budget // 4)]
     keep = budget - len(c)
-    return (p[len(p) - keep:] if keep > 0 else []) + c + [tokenizer.eos_token_id]
+    return p[max(len(p) - keep, 0):] + c + [tokenizer.eos_token_id]
 
 
 def batch_ids(seqs: list, pad_to: int = None, pad_id: int = 0):
