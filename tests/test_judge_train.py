@@ -33,15 +33,17 @@ def trained(tmp_path_factory, pairs, teacher_dir):
     tmp = tmp_path_factory.mktemp("judge")
     argv = ["--config", str(config_file(tmp)), "--data", str(pairs), "--out", str(tmp / "judge"),
             "--steps-per-eval", "1000", "--steps-per-save", "1000"]  # configs/judge_tiny.yaml
+    # CPU seconds of the whole run (load, 80 steps, validation, save): on an idle machine the
+    # wall time is at most this, and unlike wall time it does not grow when the cores are shared
+    tic = time.process_time()
     history = judge_train.run(judge_train.parse_args(argv))
-    seconds = len(history) * 8 / history[-1]["pairs_per_s"]  # the 80 steps of 8 pairs
-    return tmp / "judge", history, seconds
+    return tmp / "judge", history, time.process_time() - tic
 
 
 def test_tiny_judge_separates_the_set_within_a_minute(trained, pairs):
     path, history, seconds = trained
     assert len(history) == 80 and history[-1]["valid"]["acc"] >= 0.9
-    assert seconds < 60, f"training took {seconds:.1f} s"
+    assert seconds < 60, f"training took {seconds:.1f} CPU s"
     from arbiter.judge.model import load
     from arbiter.judge.pairs import read_split
 
