@@ -37,7 +37,6 @@ from mlx_lm.models import llama
 
 from mlx_student import model as student_model
 from mlx_student.config import StudentConfig
-from mlx_student.files import atomic_dir
 
 CLAUSES = ("EVIDENCE_COMPLETENESS", "BUDGET_ADHERENCE", "GATE_INTEGRITY", "PROVENANCE_CLARITY",
            "WAIVER_JUSTIFICATION")
