@@ -185,6 +185,19 @@ class Mirror(torch.nn.Module):
         """ids (1, T) int32, pos (1,) int32; writes K/V at [pos, pos + T) of the (L, KVH, D, S)
         caches in place and returns logits (1, T or 1, vocab)."""
         c = self.config
+        x = self.blocks(ids, pos, k_cache, v_cache, T, S)
+        if not all_logits:
+            x = x[:, :, :, T - 1:T]
+            T = 1
+        x = self._rms_norm(x, self.norm)
+        logits = torch.cat([F.conv2d(x, w) for w in self.head], dim=1)  # (1, V, 1, T)
+        self._tap("logits", logits)
+        return logits.reshape(c.vocab_size, T).transpose(0, 1).reshape(1, T, c.vocab_size)
+
+    def blocks(self, ids, pos, k_cache, v_cache, T: int, S: int):
+        """The embedding and every layer: the residual stream (1, C, 1, T) before the final
+        norm; K/V written at [pos, pos + T) of the caches in place."""
+        c = self.config
         H, KVH, D, C = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         G = H // KVH
         cdt = k_cache.dtype
@@ -229,13 +242,7 @@ class Mirror(torch.nn.Module):
             self._tap("swiglu_product", m)
             x = x + F.conv2d(m, lyr.down_proj)
             self._tap("residual", x)
-        if not all_logits:
-            x = x[:, :, :, T - 1:T]
-            T = 1
-        x = self._rms_norm(x, self.norm)
-        logits = torch.cat([F.conv2d(x, w) for w in self.head], dim=1)  # (1, V, 1, T)
-        self._tap("logits", logits)
-        return logits.reshape(c.vocab_size, T).transpose(0, 1).reshape(1, T, c.vocab_size)
+        return x
 
 
 class Function(torch.nn.Module):

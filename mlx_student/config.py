@@ -27,7 +27,7 @@ WIDTH_MULTIPLE = 64
 ANE_MAX_DIM = 16384  # largest size of one tensor axis the ANE takes (the vocab is split)
 
 # The `student` block of config.json: our fields, beside the llama ones mlx-lm reads.
-STUDENT_FIELDS = ("role", "contexts", "prefill_lengths", "tokenizer", "qat")
+STUDENT_FIELDS = ("role", "contexts", "prefill_lengths", "tokenizer", "qat", "judge")
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,7 @@ class StudentConfig:
     prefill_lengths: List[int] = field(default_factory=lambda: [64, 128])
     tokenizer: Optional[str] = None
     qat: Optional[dict] = None  # set on a QAT checkpoint: {bits, group_size, embeddings}
+    judge: Optional[dict] = None  # set on a judge checkpoint (arbiter.judge.model.JudgeSpec)
 
     def __post_init__(self):
         if self.max_position_embeddings is None and isinstance(self.contexts, list):
@@ -61,8 +62,9 @@ class StudentConfig:
         """config.json of an mlx-lm model folder: llama fields plus a `student` block."""
         d = dataclasses.asdict(self)
         student = {k: d.pop(k) for k in STUDENT_FIELDS}
-        if student["qat"] is None:  # only a QAT checkpoint records it
-            del student["qat"]
+        for key in ("qat", "judge"):  # only a QAT / judge checkpoint records it
+            if student[key] is None:
+                del student[key]
         return {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],

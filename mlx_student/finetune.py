@@ -99,6 +99,7 @@ def base_config(folder) -> dict:
             raise ConfigError(f"{path}: {key} {raw[key]!r} is not supported by the student's llama")
     values = StudentConfig.from_mlx_config(raw).__dict__.copy()
     values.pop("qat")
+    values.pop("judge")
     values["tokenizer"] = values["tokenizer"] or str(folder)
     if "head_dim" not in raw:
         values["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]

@@ -158,7 +158,7 @@ def parse_args(argv=None):
     """Command line over the config file's run settings over CONFIG_DEFAULTS."""
     args = build_parser().parse_args(argv)
     args.flags_given = {k for k, v in vars(args).items() if v is not None and k != "config"}
-    _, args.setting_lines = apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot"),
+    _, args.setting_lines = apply_config(args, CONFIG_DEFAULTS, skip=("model", "pilot", "judge"),
                                          what="run setting")
     return args
 

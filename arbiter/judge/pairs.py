@@ -1,0 +1,103 @@
+"""Judge pair rows: read a JSONL split and refuse a malformed row naming file:line and field.
+
+One row per line (written by mlx_student.judge_data):
+
+    {"id": str, "scenario": str, "prompt": str,
+     "a": {"text": str, "clauses": {CLAUSE: 0|1, ... all five}}, "b": {...},
+     "winner": "a" | "b" | "tie", "margin": float >= 0 (optional),
+     "source": "generated" | "kd_corruption" | "imported"}
+
+The shape is PAIR_SCHEMA (JSON Schema 2020-12), checked with `jsonschema`; an error reads
+`data/pairs/train.jsonl:12: $.a.clauses: 'GATE_INTEGRITY' is a required property (rule: required)`.
+"""
+
+import json
+from pathlib import Path
+
+import jsonschema
+
+from .model import CLAUSES
+
+SPLITS = ("train", "valid", "test")
+WINNERS = ("a", "b", "tie")
+TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a > b) of each label
+
+_CANDIDATE = {
+    "type": "object",
+    "required": ["text", "clauses"],
+    "properties": {
+        "text": {"type": "string"},
+        "clauses": {"type": "object", "required": list(CLAUSES), "additionalProperties": False,
+                    "properties": {c: {"enum": [0, 1]} for c in CLAUSES}},
+    },
+}
+PAIR_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "judge pair row",
+    "type": "object",
+    "required": ["id", "scenario", "prompt", "a", "b", "winner", "source"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1},
+        "scenario": {"type": "string"},
+        "prompt": {"type": "string"},
+        "a": _CANDIDATE,
+        "b": _CANDIDATE,
+        "winner": {"enum": list(WINNERS)},
+        "margin": {"type": "number", "minimum": 0},
+        "source": {"enum": ["generated", "kd_corruption", "imported"]},
+    },
+}
+_VALIDATOR = jsonschema.Draft202012Validator(PAIR_SCHEMA)
+
+
+class PairError(ValueError):
+    """A pair file that cannot be read or holds a malformed row (file:line: field: problem)."""
+
+
+def row_errors(row) -> list:
+    """'$.path: message (rule: keyword)' for every violation of PAIR_SCHEMA, sorted."""
+    errs = sorted(_VALIDATOR.iter_errors(row), key=lambda e: (list(map(str, e.absolute_path)),
+                                                              str(e.validator)))
+    return [f"{e.json_path}: {e.message} (rule: {e.validator})" for e in errs]
+
+
+def read_pairs(path) -> list:
+    """The rows of one JSONL file, each checked. Raises PairError naming file:line: field."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise PairError(f"{path}: cannot read: {e.strerror}") from None
+    rows, seen = [], {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PairError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        errors = row_errors(row)
+        if errors:
+            raise PairError("\n".join(f"{path}:{n}: {e}" for e in errors))
+        if row["id"] in seen:
+            raise PairError(f"{path}:{n}: $.id: {row['id']!r} repeats line {seen[row['id']]}")
+        seen[row["id"]] = n
+        rows.append(row)
+    if not rows:
+        raise PairError(f"{path}: no pair rows")
+    return rows
+
+
+def read_split(folder, split: str, required: bool = True):
+    """Rows of `<folder>/<split>.jsonl`; None when absent and not `required`."""
+    path = Path(folder) / f"{split}.jsonl"
+    if not path.exists():
+        if required:
+            raise PairError(f"{path}: missing (a pair folder holds {', '.join(s + '.jsonl' for s in SPLITS)})")
+        return None
+    return read_pairs(path)
+
+
+def clause_vector(candidate: dict) -> list:
+    """The candidate's clause labels in CLAUSES order."""
+    return [candidate["clauses"][c] for c in CLAUSES]
