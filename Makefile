@@ -13,7 +13,8 @@ ARGS ?=
 
 .PHONY: help worker onnx-worker coreml-worker probes eval proc qat contextual-gen \
 	contextual-extract contextual-verify contextual-pipeline gen-scale-1k gen-scale-10k \
-	verify-scale-1k verify-scale-10k eval-runner-openai eval-runner-local caws-eval
+	verify-scale-1k verify-scale-10k eval-runner-openai eval-runner-local caws-eval \
+	judge_data judge_train judge_eval judge_coreml
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -82,3 +83,22 @@ caws-eval: IN = change.diff
 caws-eval: OUT = runs/caws
 caws-eval:  ## CAWS verdict of the diff IN (git diff) against the working spec CONFIG into OUT; reports via ARGS (--junit --lint --coverage)
 	$(BIN)/mlx_student.caws_eval --spec $(CONFIG) --diff $(IN) --out $(OUT)/verdict.json $(ARGS)
+
+judge_data: OUT = data/judge_pairs
+judge_data:  ## CAWS adjudication pairs (real stdlib edits, gate-engine labels) + KD corruptions into OUT
+	$(BIN)/mlx_student.judge_data --config configs/judge_data.yaml --out $(OUT) $(ARGS)
+
+judge_train: CONFIG = configs/judge_smollm2.yaml
+judge_train: IN = data/judge_pairs
+judge_train: OUT = runs/judge
+judge_train:  ## train the pairwise judge of CONFIG on the pairs IN into OUT (resumable: ARGS=--resume)
+	$(BIN)/mlx_student.judge_train --config $(CONFIG) --data $(IN) --out $(OUT) $(ARGS)
+
+judge_eval: MODEL = runs/judge
+judge_eval: IN = data/judge_pairs
+judge_eval:  ## the judge MODEL on the test pairs of IN against baselines, into REPORT
+	$(BIN)/mlx_student.judge_eval --judge $(MODEL) --data $(IN) --out $(REPORT) $(ARGS)
+
+judge_coreml: MODEL = runs/judge
+judge_coreml:  ## the judge MODEL as one int8 CoreML package (a score function per length) in OUT
+	$(BIN)/mlx_student.judge_export --judge $(MODEL) --out $(OUT) $(ARGS)

@@ -27,7 +27,8 @@ def targets():
 SEED_TARGETS = {"worker", "onnx-worker", "coreml-worker", "probes", "eval", "proc", "qat",
                 "contextual-gen", "contextual-extract", "contextual-verify", "contextual-pipeline",
                 "gen-scale-1k", "gen-scale-10k", "verify-scale-1k", "verify-scale-10k",
-                "eval-runner-openai", "eval-runner-local", "caws-eval"}
+                "eval-runner-openai", "eval-runner-local", "caws-eval",
+                "judge_data", "judge_train", "judge_eval", "judge_coreml"}
 
 
 def test_help_lists_the_seed_workflow_with_one_line_each():
