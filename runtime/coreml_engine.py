@@ -30,7 +30,14 @@ class CoreMLCache:
         self.state = []  # nothing for mx.eval: the KV lives in the package's state
 
     def is_trimmable(self) -> bool:
-        return False
+        return True
+
+    def trim(self, n: int) -> int:
+        """Rewind `n` positions. Nothing is erased: the causal mask hides every key past the
+        position, and the next chunk overwrites them before it attends."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
 
 class CoreMLEngine:
@@ -56,7 +63,7 @@ class CoreMLEngine:
         self.prefill = {T: load(package, f"prefill_{T}_ctx{self.context}") for T in sorted(prefills, reverse=True)}
         self.load_s = time.perf_counter() - tic
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
-        self.layers = []  # no per-layer MLX cache (speculative decoding needs a trimmable one)
+        self.layers = []  # no per-layer MLX cache (mlx-lm's speculative step slices one per layer)
 
     @classmethod
     def load(cls, package, model_dir, **kw) -> "CoreMLEngine":
