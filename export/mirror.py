@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
+from mlx_student import rope
 from mlx_student.config import ANE_MAX_DIM, StudentConfig
 
 NORM_MIN_SCALE = 2.0**-14  # fp16's smallest normal number: the RMSNorm's divisor floor
@@ -55,8 +56,7 @@ def check_supported(raw: dict) -> list:
     for k in ("attention_bias", "mlp_bias", "rope_traditional"):
         if raw.get(k):
             p.append(f"{k}: true is not supported")
-    if raw.get("rope_scaling"):
-        p.append(f"rope_scaling {raw['rope_scaling']!r}: only default RoPE is supported")
+    p += [f"{name}: {problem}" for name, problem in rope.check(raw.get("rope_scaling"))]
     if raw.get("hidden_act", "silu") != "silu":
         p.append(f"hidden_act {raw['hidden_act']!r}: only silu (SwiGLU) is supported")
     if raw.get("quantization"):
@@ -73,7 +73,7 @@ def read_checkpoint(path):
     raw = json.loads((path / "config.json").read_text())
     problems = check_supported(raw)
     if problems:
-        raise UnsupportedModel(f"{path}: cannot export: " + "; ".join(problems))
+        raise UnsupportedModel(f"{path / 'config.json'}: cannot export: " + "; ".join(problems))
     config = StudentConfig.from_mlx_config(raw)
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
@@ -124,9 +124,9 @@ class Mirror(torch.nn.Module):
                 setattr(layer, n, self._norm_weight(weights[p + n + ".weight"]))
             self.layers.append(layer)
         self.norm = self._norm_weight(weights["model.norm.weight"])
-        # RoPE tables up to the largest context: (positions, head_dim / 2), as mlx nn.RoPE.
-        d = c.head_dim
-        inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        # RoPE tables up to the largest context: (positions, head_dim / 2), as mlx-lm's RoPE
+        # (with the config's rope_scaling: linear or llama3 frequencies, mlx_student.rope).
+        inv = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         n = max_positions or max(c.contexts)
         ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
         self.register_buffer("cos", torch.from_numpy(np.cos(ang).astype(np.float32)))

@@ -36,13 +36,14 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model, load_model
 
 from . import model as student_model
+from . import rope
 from .config import ConfigError, StudentConfig
 
 FINE_TUNE_TYPES = ("full", "lora", "dora")
 LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}
 QUANT_DEFAULTS = {"bits": 4, "group_size": 64}
 # config.json fields of a base that our llama cannot represent: refuse rather than drop them.
-UNSUPPORTED = {"rope_scaling": None, "attention_bias": False, "mlp_bias": False}
+UNSUPPORTED = {"attention_bias": False, "mlp_bias": False}
 
 
 def lora_settings(value) -> dict:
@@ -96,6 +97,9 @@ def base_config(folder) -> dict:
     for key, ok in UNSUPPORTED.items():
         if raw.get(key, ok) != ok:
             raise ConfigError(f"{path}: {key} {raw[key]!r} is not supported by the student's llama")
+    problems = rope.check(raw.get("rope_scaling"))
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(f"{k}: {p}" for k, p in problems))
     values = StudentConfig.from_mlx_config(raw).__dict__.copy()
     values.pop("qat")
     values["tokenizer"] = values["tokenizer"] or str(folder)

@@ -130,7 +130,7 @@ def test_unsupported_checkpoints_are_refused(tmp_path, student_dir):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((student_dir / name).read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
     config["attention_bias"] = True
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModel, match="rope_scaling.*attention_bias|attention_bias.*rope"):
