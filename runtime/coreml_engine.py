@@ -79,6 +79,14 @@ class CoreMLEngine:
     def make_cache(self) -> list:
         return [CoreMLCache(self.decode.make_state())]
 
+    def chunks(self, n: int) -> list:
+        """Tokens per call for `n` prompt tokens: the longest prefill that fits, then decode steps."""
+        out = []
+        while n:
+            out.append(next((T for T in self.prefill if T <= n), 1))
+            n -= out[-1]
+        return out
+
     def _run(self, fn, ids, cache):
         out = fn.predict({"input_ids": np.asarray(ids, np.int32)[None],
                           "position": np.array([cache.offset], np.int32)}, cache.kv)
@@ -92,9 +100,7 @@ class CoreMLEngine:
         if cache.offset + len(ids) > self.context:
             raise ValueError(f"{cache.offset + len(ids)} tokens exceed the package's context {self.context}")
         i, logits = 0, None
-        while i < len(ids):
-            T = next((T for T in self.prefill if T <= len(ids) - i), None)
-            fn, n = (self.prefill[T], T) if T else (self.decode, 1)
-            logits = self._run(fn, ids[i : i + n], cache)
+        for n in self.chunks(len(ids)):
+            logits = self._run(self.prefill[n] if n > 1 else self.decode, ids[i : i + n], cache)
             i += n
         return mx.array(np.asarray(logits, np.float32).reshape(1, 1, -1))

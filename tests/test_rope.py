@@ -87,10 +87,10 @@ def test_config_accepts_both_spellings_and_refuses_unsupported_kinds(tmp_path):
 
 
 def test_mirror_refuses_unsupported_kinds_naming_the_file(tmp_path, tokenizer):
+    from conftest import save_tiny
+
     from export.mirror import UnsupportedModel, read_checkpoint
     from mlx_student.finetune import base_config
-
-    from conftest import save_tiny
 
     folder = save_tiny(tmp_path / "s", tokenizer)
     raw = json.loads((folder / "config.json").read_text())
@@ -186,7 +186,8 @@ def test_parity_mlx_mirror_executor_past_8192(scaled, tmp_path):
                                  tmp_path / "s.mlpackage", spec.name)
     decode = mil_executor.load(package, spec.name)
     state = decode.make_state()
-    state.values["k_cache"], state.values["v_cache"] = (x.numpy().astype(np.float16) for x in (k, v))
+    state.write_state("k_cache", k.numpy())
+    state.write_state("v_cache", v.numpy())
     got = decode.predict({"input_ids": ids[None, 2 * T:], "position": np.array([FAR + T], np.int32)},
                          state)["logits"][0, -1]
     assert rel_err(got, mlx_step) < 2e-2 and got.argmax() == mlx_step.argmax()
