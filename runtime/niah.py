@@ -11,7 +11,8 @@ chance, the checks that the scoring can tell them apart).
 Cases come from runtime/needles.py (exact token positions, real local haystacks). For the
 engines the prompt goes in as token ids; the prefix up to the last prompt token is prefilled
 once, then (1) the expected value and the other candidates are scored teacher-forced from that
-cache (rewound after each), and (2) the answer is decoded greedily by mlx-lm's generate_step.
+cache (rewound after each), and (2) the answer is decoded greedily by mlx-lm's generate_step
+until EOS or the answer budget (as RULER: no stop string, so "is:\n1234567" still counts).
 An OpenAI endpoint gets the prompt as chat text (its own tokenizer places the needle; depth is
 exact only when it matches ours) and gives no log-probabilities.
 
@@ -38,7 +39,14 @@ from mlx_lm.utils import load_tokenizer
 from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import write_json_atomic
 
-from .needles import HAYSTACKS, KINDS, Haystack, make_case, rank_of_first, string_match_all
+from .needles import (
+    HAYSTACKS,
+    KINDS,
+    Haystack,
+    make_case,
+    rank_of_first,
+    string_match_all,
+)
 
 BACKENDS = ("mlx", "coreml", "openai", "oracle", "random")
 DEFAULTS = {
@@ -48,6 +56,7 @@ DEFAULTS = {
     "max_new_tokens": None, "prefill_step": 2048, "seed": 0, "out": "artifacts/niah",
     "gates": {4096: 0.95, 16384: 0.90},
 }
+REWRITE_S = 60.0  # a long run's partial report is refreshed this often
 MAX_NEW_TOKENS = {"single": 16, "multikey": 16, "multivalue": 48, "multiquery": 48}
 
 
@@ -90,8 +99,6 @@ class EngineBackend:
             if int(token) in eos:
                 break
             out.append(int(token))
-            if "\n" in self.tokenizer.decode(out[-1:]):
-                break
         return {"prediction": self.tokenizer.decode(out), "logprobs": logprobs,
                 "prefill_s": prefill_s}
 
@@ -166,7 +173,10 @@ def make_backend(args, tokenizer):
 
 
 # --- the grid -----------------------------------------------------------------------------
-def run_grid(backend, tokenizer, args, progress=True) -> dict:
+def run_grid(backend, tokenizer, args, progress=True, out=None) -> dict:
+    """Every case of the grid, shortest lengths first. With `out`, the report is written at the
+    end and rewritten (atomically) at most every `REWRITE_S` seconds on the way, so a run cut
+    short leaves the cells it finished."""
     from tqdm import tqdm
 
     max_new = {k: args.max_new_tokens or MAX_NEW_TOKENS[k] for k in args.kinds}
@@ -174,22 +184,29 @@ def run_grid(backend, tokenizer, args, progress=True) -> dict:
     grid = [(k, n, d, i) for n in args.lengths for d in args.depths for k in args.kinds
             for i in range(args.cases)]
     records, tic = [], time.perf_counter()
+    written = tic
     for kind, length, depth, i in tqdm(grid, desc="niah", disable=not progress):
         case = make_case(tokenizer, haystack, kind, length, depth, i, max_new[kind],
                          args.n_candidates, args.seed)
         t = time.perf_counter()
-        out = backend.answer(case)
-        lps = out["logprobs"]
+        answer = backend.answer(case)
+        lps = answer["logprobs"]
         records.append({
             "kind": kind, "length": length, "depth": depth, "index": i,
             "prompt_tokens": len(case.prompt_ids), "context_start": case.context_start,
-            "needles": case.needles, "answers": case.answers, "prediction": out["prediction"],
-            "score": string_match_all(out["prediction"], case.answers),
+            "needles": case.needles, "answers": case.answers, "prediction": answer["prediction"],
+            "score": string_match_all(answer["prediction"], case.answers),
             "value_logprob": lps[0] if lps else None,
             "rank": rank_of_first(lps) if lps else None, "n_candidates": len(case.candidates),
-            "prefill_s": out.get("prefill_s"), "seconds": time.perf_counter() - t,
+            "prefill_s": answer.get("prefill_s"), "seconds": time.perf_counter() - t,
         })
-    return summarize(records, args, time.perf_counter() - tic)
+        if out is not None and time.perf_counter() - written > REWRITE_S:
+            write_report(summarize(records, args, time.perf_counter() - tic, len(grid)), out)
+            written = time.perf_counter()
+    r = summarize(records, args, time.perf_counter() - tic, len(grid))
+    if out is not None:
+        write_report(r, out)
+    return r
 
 
 def _mean(xs):
@@ -197,7 +214,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize(records: list, args, seconds: float) -> dict:
+def summarize(records: list, args, seconds: float, planned: int) -> dict:
     cells = []
     for n in args.lengths:
         for d in args.depths:
@@ -217,7 +234,7 @@ def summarize(records: list, args, seconds: float) -> dict:
         "backend": args.backend, "model": args.model, "package": args.package,
         "haystack": args.haystack, "kinds": args.kinds, "lengths": args.lengths,
         "depths": args.depths, "cases_per_cell": args.cases, "n_candidates": args.n_candidates,
-        "seed": args.seed, "seconds": seconds, "score": _mean(r["score"] for r in records),
+        "seed": args.seed, "seconds": seconds, "cases_planned": planned, "score": _mean(r["score"] for r in records),
         "top1": _mean(None if r["rank"] is None else float(r["rank"] == 1) for r in records),
         "chance_top1": 1.0 / args.n_candidates, "by_length": by_length, "cells": cells,
         "gates": gates, "records": records,
@@ -231,7 +248,8 @@ def _fmt(x, spec=".2f"):
 def markdown(r: dict) -> str:
     lines = [f"# Needle in a haystack: {r['backend']} on {r['model'] or r['package']}", "",
              f"Kinds {', '.join(r['kinds'])}; haystack {r['haystack']}; {r['cases_per_cell']} "
-             f"case(s) per cell; {len(r['records'])} cases in {r['seconds']:.0f} s. Overall score "
+             f"case(s) per cell; {len(r['records'])} of {r['cases_planned']} cases in "
+             f"{r['seconds']:.0f} s. Overall score "
              f"{_fmt(r['score'])}; expected value ranked first among {r['n_candidates']} "
              f"candidates: {_fmt(r['top1'])} (chance {r['chance_top1']:.2f}).", "",
              "Score (RULER string_match_all) / top-1 rate / mean log-probability of the value:", "",
@@ -257,7 +275,8 @@ def plot(r: dict, path: Path):
     panels = [("score", "exact match (string_match_all)")]
     if r["top1"] is not None:
         panels.append(("top1", f"value ranked first of {r['n_candidates']}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), squeeze=False,
+                             layout="constrained")
     for ax, (key, title) in zip(axes[0], panels):
         grid = np.array([[next(c[key] for c in r["cells"] if c["length"] == n and c["depth"] == d)
                           for n in r["lengths"]] for d in r["depths"]], dtype=float)
@@ -266,7 +285,8 @@ def plot(r: dict, path: Path):
             ax.text(x, y, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]])
         ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]])
-        ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=title)
+        ax.set(xlabel="context length (tokens)", title=title)
+    axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(f"NIAH {r['backend']}: {Path(str(r['model'] or r['package'])).name}")
     fig.savefig(path, dpi=100)
@@ -331,9 +351,7 @@ def run(args) -> dict:
     check_args(args)
     tokenizer = load_tokenizer(Path(args.model))
     backend = make_backend(args, tokenizer)
-    r = run_grid(backend, tokenizer, args)
-    write_report(r, Path(args.out))
-    return r
+    return run_grid(backend, tokenizer, args, out=Path(args.out))
 
 
 def main(argv=None):

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
-from runtime.needles import (KINDS, NEEDLE, Haystack, make_case, rank_of_first,
-                             string_match_all)
-
 from conftest import save_tiny
+
+from runtime.needles import KINDS, NEEDLE, Haystack, make_case, rank_of_first, string_match_all
 
 ROOT = Path(__file__).parent.parent
 
@@ -72,10 +70,10 @@ def test_oracle_scores_everything_and_random_scores_chance(tmp_path, teacher_dir
     assert r["score"] == 1.0 and r["top1"] == 1.0
     assert [g["status"] for g in r["gates"]] == ["not measured", "not measured"]
     assert {p.name for p in (tmp_path / "oracle").iterdir()} == {"niah.json", "niah.md", "niah.png"}
-    out, r = niah(tmp_path / "random", *common, "--backend", "random", "--cases", "20")
+    out, r = niah(tmp_path / "random", *common, "--backend", "random", "--cases", "10")
     assert out.returncode == 0, out.stderr
     n = len(r["records"])
-    assert n == 2 * 5 * 2 * 20
+    assert n == 2 * 5 * 2 * 10
     # chance: a drawn candidate is right with p = 1/10 per expected value (also for 4 of 4)
     sd = math.sqrt(0.1 * 0.9 / n)
     assert abs(r["score"] - 0.1) < 4 * sd + 0.02, r["score"]
@@ -119,6 +117,4 @@ def test_mlx_engine_scores_match_a_plain_forward_pass(tmp_path, tokenizer):
         if t in tokenizer.eos_token_ids:
             break
         new.append(t)
-        if "\n" in tokenizer.decode([t]):
-            break
     assert out["prediction"] == tokenizer.decode(new)
