@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
+from mlx_student import rope
 from mlx_student.config import ANE_MAX_DIM, StudentConfig
 from mlx_student.hf_config import read_config, weight_files
 
@@ -69,7 +70,7 @@ def read_checkpoint(path):
     raw = read_config(path)  # FolderConfigError names a foreign config.json's problem
     problems = check_supported(raw)
     if problems:
-        raise UnsupportedModel(f"{path}: cannot export: " + "; ".join(problems))
+        raise UnsupportedModel(f"{path / 'config.json'}: cannot export: " + "; ".join(problems))
     config = StudentConfig.from_mlx_config(raw)
     weights = {}
     for f in weight_files(path):
@@ -117,9 +118,9 @@ class Mirror(torch.nn.Module):
                 setattr(layer, n, self._norm_weight(weights[p + n + ".weight"]))
             self.layers.append(layer)
         self.norm = self._norm_weight(weights["model.norm.weight"])
-        # RoPE tables up to the largest context: (positions, head_dim / 2), as mlx nn.RoPE.
-        d = c.head_dim
-        inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        # RoPE tables up to the largest context: (positions, head_dim / 2), as mlx-lm's RoPE
+        # (with the config's rope_scaling: linear or llama3 frequencies, mlx_student.rope).
+        inv = rope.inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         n = max_positions or max(c.contexts)
         ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]
         self.register_buffer("cos", torch.from_numpy(np.cos(ang).astype(np.float32)))
@@ -198,7 +199,7 @@ class Mirror(torch.nn.Module):
         """The embedding and every layer: the residual stream (1, C, 1, T) before the final
         norm; K/V written at [pos, pos + T) of the caches in place."""
         c = self.config
-        H, KVH, D, C = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        H, KVH, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         G = H // KVH
         cdt = k_cache.dtype
         start = pos

@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import yaml
 
+from . import rope
+
 ROLES = ("worker", "judge", "drafter", "pilot", "test")
 HEAD_DIMS = (64, 128)
 WIDTH_MULTIPLE = 64
@@ -45,6 +47,7 @@ class StudentConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {rope_type: linear | llama3, factor, ...}: mlx_student.rope
     tie_word_embeddings: bool = True
     max_position_embeddings: Optional[int] = None
     role: str = "pilot"
@@ -65,6 +68,9 @@ class StudentConfig:
         for key in ("qat", "judge"):  # only a QAT / judge checkpoint records it
             if student[key] is None:
                 del student[key]
+        scaling = rope.normalize(d.pop("rope_scaling"))
+        if scaling:
+            d["rope_scaling"] = scaling
         return {
             "model_type": "llama",
             "architectures": ["LlamaForCausalLM"],
@@ -72,7 +78,7 @@ class StudentConfig:
             "attention_bias": False,
             "mlp_bias": False,
             # mlx-lm reads rope_theta, transformers 5 reads rope_parameters: write both.
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta},
             **d,
             "student": student,
         }
@@ -111,6 +117,8 @@ def _check_types(values: dict) -> List[tuple]:
             or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in v)
         ):
             problems.append((name, f"must be a non-empty list of positive integers, got {v!r}"))
+        elif typ == Optional[dict] and v is not None and not isinstance(v, dict):
+            problems.append((name, f"must be a mapping or null, got {v!r}"))
         elif typ == Optional[str] and v is not None and not isinstance(v, str):
             problems.append((name, f"must be a string or null, got {v!r}"))
         elif typ is str and not isinstance(v, str):
@@ -119,7 +127,7 @@ def _check_types(values: dict) -> List[tuple]:
 
 
 def _check_rules(c: StudentConfig) -> List[tuple]:
-    p = []
+    p = rope.check(c.rope_scaling)
     if c.role not in ROLES:
         p.append(("role", f"{c.role!r} is not one of {', '.join(ROLES)}"))
     for name in ("hidden_size", "intermediate_size"):
@@ -226,7 +234,8 @@ def load_config(path, base: Optional[dict] = None) -> StudentConfig:
         msgs = []
         for name, problem in problems:
             key = f"model.{name}" if name else "model"
-            line = lines.get(key, lines.get("model"))
+            parents = [key.rsplit(".", i)[0] for i in range(key.count(".") + 1)]
+            line = next((lines[k] for k in parents if k in lines), None)
             msgs.append(f"  {path}:{line}: {key}: {problem}")
         n = len(problems)
         raise ConfigError(f"{path}: {n} problem{'s' * (n > 1)}:\n" + "\n".join(msgs))

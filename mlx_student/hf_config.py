@@ -8,11 +8,13 @@ mlx-lm (`mlx_lm.convert`, `mlx_lm.fuse`), transformers 4 and 5 (`save_pretrained
 project; where they disagree the folder is read as the tool that wrote it meant it, or refused
 with the file and the key named, never read silently wrong:
 
-    rope_theta            transformers 5 writes only `rope_parameters: {rope_type, rope_theta}`;
+    rope_theta            transformers 5 writes only `rope_parameters: {rope_type, rope_theta, ...}`;
                           mlx-lm's llama reads only the top-level `rope_theta` (and would use
-                          10000). Both given and different: refused. A RoPE kind other than
-                          ROPE_TYPES (`rope_parameters.rope_type`, or the legacy
-                          `rope_scaling.rope_type` / `.type`): refused naming that key.
+                          10000). Both given and different: refused.
+    rope_scaling          the legacy `rope_scaling` mapping, or the scaling fields of
+                          `rope_parameters` (transformers 5) when its `rope_type` is not
+                          `default`: checked by mlx_student.rope (linear, llama3; any other kind
+                          refused naming `<key>.rope_type` or `.type`) and normalized.
     tie_word_embeddings   false with no `lm_head.weight` in the weights: refused. True (or mlx-lm's
                           default, absent) with an `lm_head.weight` equal to the embedding: tied;
                           with one that differs: refused (mlx-lm drops it without a word), the
@@ -31,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import rope
 from .config import ConfigError
 
-ROPE_TYPES = ("default",)  # RoPE kinds the student's llama computes; add a kind here and in
-# mlx_overrides / export/mirror.py together
 ROPE_THETA_DEFAULT = 10000.0  # transformers' and mlx-lm's llama default
 # quant_method values mlx_lm.utils.load_model knows (mlx-lm 0.32)
 MLX_QUANT_METHODS = ("bitnet", "mxfp4", "mxfp8", "fp8", "compressed-tensors", "modelopt", "awq",
@@ -62,20 +63,21 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
-def _rope(path: Path, raw: dict) -> float:
-    """The folder's RoPE theta; refuses kinds other than ROPE_TYPES."""
+def _rope(path: Path, raw: dict) -> tuple:
+    """(theta, scaling) of the folder's RoPE: scaling normalized by mlx_student.rope (None for
+    plain RoPE); kinds the student does not compute are refused naming the key."""
     params, scaling = raw.get("rope_parameters"), raw.get("rope_scaling")
     for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if block is None:
-            continue
-        if not isinstance(block, dict):
+        if block is not None and not isinstance(block, dict):
             raise FolderConfigError(f"{path}: {key}: expected an object, got {block!r}")
-        kind = block.get("rope_type", block.get("type"))
-        if kind not in ROPE_TYPES and (kind is not None or key == "rope_scaling"):
-            field = f"{key}.{'rope_type' if 'rope_type' in block else 'type'}"
-            raise FolderConfigError(
-                f"{path}: {field}: {kind!r} is not supported (RoPE kinds: "
-                f"{', '.join(ROPE_TYPES)}); the student's llama would compute other positions")
+    source = "rope_scaling"
+    if scaling is None and rope.scaling_type(params) != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        source = "rope_parameters"
+    problems = rope.check(scaling)
+    if problems:
+        raise FolderConfigError(f"{path}: " + "; ".join(
+            f"{source}{field.removeprefix('rope_scaling')}: {p}" for field, p in problems))
     theta = raw.get("rope_theta")
     inner = (params or {}).get("rope_theta")
     if theta is not None and inner is not None and float(theta) != float(inner):
@@ -83,10 +85,10 @@ def _rope(path: Path, raw: dict) -> float:
                                 f"{inner} differ")
     theta = theta if theta is not None else inner
     if theta is None:
-        return ROPE_THETA_DEFAULT
+        return ROPE_THETA_DEFAULT, rope.normalize(scaling)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise FolderConfigError(f"{path}: rope_theta: must be a positive number, got {theta!r}")
-    return float(theta)
+    return float(theta), rope.normalize(scaling)
 
 
 def _quantization(path: Path, raw: dict):
@@ -169,8 +171,9 @@ def read_config(folder) -> dict:
     path = folder / "config.json"
     raw = _read_json(path)
     config = dict(raw)
-    config["rope_theta"] = _rope(path, raw)
-    config.pop("rope_scaling", None)
+    config["rope_theta"], config["rope_scaling"] = _rope(path, raw)
+    if config["rope_scaling"] is None:
+        config.pop("rope_scaling")
     config["quantization"] = _quantization(path, raw)
     if config["quantization"] is not None:
         config.pop("quantization_config", None)
@@ -186,6 +189,8 @@ def mlx_overrides(config: dict) -> dict:
     `quantization_config` only with a quant_method) builds the model `config` describes."""
     out = {"rope_theta": config["rope_theta"],
            "tie_word_embeddings": config["tie_word_embeddings"]}
+    if config.get("rope_scaling"):
+        out["rope_scaling"] = config["rope_scaling"]
     if config.get("quantization") is not None:
         out["quantization"] = config["quantization"]
     return out

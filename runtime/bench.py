@@ -1,14 +1,16 @@
 """Generation benchmark of the MLX engine, with mlx_lm.generate as the peer in the same run.
 
     mlx_student.bench --model runs/pilot [--prompt-lengths 32 128 512] [--decode-tokens 100]
-                      [--reps 3] [--draft-bits 4] [--out artifacts/bench]
+                      [--reps 3] [--draft-bits 4] [--contexts 4096 16384] [--out artifacts/bench]
 
 Measures, for one checkpoint: load time (first load in the process = cold, second = warm), time
 to first token at several prompt lengths, decode tokens/s over --decode-tokens tokens, peak
 memory, the bandwidth roofline (bytes read per decoded token / memory bandwidth) and the %
 achieved, our engine vs mlx_lm.generate (same prompt, same tokens, interleaved, median of
 --reps), the JSON-schema constrained-decoding overhead per token, and optionally speculative
-decoding with a quantized self-drafter. Writes bench.json, bench.md and bench.png.
+decoding with a quantized self-drafter; with --contexts, per context (the prompt filling it)
+TTFT, decode tokens/s, peak memory, KV-cache bytes and the time to a valid tool call, against the
+seed's gates (runtime/context_bench.py). Writes bench.json, bench.md and bench.png.
 
 Bandwidth: on Linux the ceiling uses this machine's bandwidth measured in the same run (a
 large MLX reduction); the M1 Max ceilings of mlx_student.info (GPU 400 GB/s, ANE 55 GB/s) are
@@ -31,6 +33,7 @@ from mlx.utils import tree_flatten
 from mlx_student.config import ConfigError
 from mlx_student.files import write_json_atomic
 
+from . import context_bench
 from .constrained import engine_vocab, json_schema_processor, tool_call_schema
 from .generate import GenerationParams, MLXEngine, generate
 from .speculative import generate_speculative, quantized_drafter
@@ -218,6 +221,8 @@ def run(args) -> dict:
                        "speedup": statistics.median(t_greedy) / statistics.median(t_spec),
                        "exact": out.tokens == g.tokens, "tokens": len(out.tokens)}
         res["speculative"] = {"drafter": name, "by_k": spec}
+    if args.contexts:
+        res["contexts"] = context_bench.per_context(engine, args.contexts, n, prompt_of, no_eos, TOOL)
     res["coreml"] = "not benchmarked: the CoreML engine waits for the exporter and MIL executor; speed needs macOS"
     return res
 
@@ -249,6 +254,8 @@ def markdown(r: dict) -> str:
                      f"{s['acceptance']:.2f}, {s['tokens_per_target_pass']:.2f} tokens/pass, speedup "
                      f"{s['speedup']:.2f}x, exact {s['exact']} |")
     lines += [f"| CoreML engine | {r['coreml']} |"]
+    if r.get("contexts"):
+        lines += context_bench.markdown(r["contexts"])
     m1 = rf.get("m1_max_ceilings_tps")
     if isinstance(m1, list):
         lines += ["", "M1 Max decode ceilings (mlx_student.info, bandwidth only, tokens/s):", "",
@@ -286,6 +293,8 @@ def build_parser():
     p.add_argument("--draft-model", help="drafter folder (same tokenizer) for the speculative rows")
     p.add_argument("--draft-bits", type=int, default=0, help="or: a quantized copy of --model as drafter")
     p.add_argument("--draft-k", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--contexts", type=int, nargs="+", help="also measure with the prompt filling "
+                   "each of these contexts (e.g. 4096 16384), gated by the seed's limits")
     p.add_argument("--out", default=DEFAULTS["out"])
     return p
 

@@ -30,7 +30,14 @@ class CoreMLCache:
         self.state = []  # nothing for mx.eval: the KV lives in the package's state
 
     def is_trimmable(self) -> bool:
-        return False
+        return True
+
+    def trim(self, n: int) -> int:
+        """Rewind `n` positions. Nothing is erased: the causal mask hides every key past the
+        position, and the next chunk overwrites them before it attends."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
 
 class CoreMLEngine:
@@ -56,7 +63,7 @@ class CoreMLEngine:
         self.prefill = {T: load(package, f"prefill_{T}_ctx{self.context}") for T in sorted(prefills, reverse=True)}
         self.load_s = time.perf_counter() - tic
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
-        self.layers = []  # no per-layer MLX cache (speculative decoding needs a trimmable one)
+        self.layers = []  # no per-layer MLX cache (mlx-lm's speculative step slices one per layer)
 
     @classmethod
     def load(cls, package, model_dir, **kw) -> "CoreMLEngine":
@@ -72,6 +79,14 @@ class CoreMLEngine:
     def make_cache(self) -> list:
         return [CoreMLCache(self.decode.make_state())]
 
+    def chunks(self, n: int) -> list:
+        """Tokens per call for `n` prompt tokens: the longest prefill that fits, then decode steps."""
+        out = []
+        while n:
+            out.append(next((T for T in self.prefill if T <= n), 1))
+            n -= out[-1]
+        return out
+
     def _run(self, fn, ids, cache):
         out = fn.predict({"input_ids": np.asarray(ids, np.int32)[None],
                           "position": np.array([cache.offset], np.int32)}, cache.kv)
@@ -85,9 +100,7 @@ class CoreMLEngine:
         if cache.offset + len(ids) > self.context:
             raise ValueError(f"{cache.offset + len(ids)} tokens exceed the package's context {self.context}")
         i, logits = 0, None
-        while i < len(ids):
-            T = next((T for T in self.prefill if T <= len(ids) - i), None)
-            fn, n = (self.prefill[T], T) if T else (self.decode, 1)
-            logits = self._run(fn, ids[i : i + n], cache)
+        for n in self.chunks(len(ids)):
+            logits = self._run(self.prefill[n] if n > 1 else self.decode, ids[i : i + n], cache)
             i += n
         return mx.array(np.asarray(logits, np.float32).reshape(1, 1, -1))

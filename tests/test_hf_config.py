@@ -77,19 +77,37 @@ def test_transformers5_rope_parameters_give_their_own_theta_everywhere(tmp_path,
 
 def test_rope_kinds_the_student_does_not_compute_are_refused(tmp_path, tokenizer):
     folder = save_tiny(tmp_path / "s", tokenizer)
-    edit_config(folder, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+    edit_config(folder, rope_parameters={"rope_type": "yarn", "factor": 8.0,
                                          "rope_theta": 100000.0})
     with pytest.raises(ConfigError, match=rf"{folder}/config.json: rope_parameters\.rope_type: "
-                                          "'llama3' is not supported"):
+                                          "'yarn' is not supported"):
         hf_config.read_config(folder)
-    edit_config(folder, rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
-    with pytest.raises(ConfigError, match=r"config.json: rope_scaling\.type: 'linear'"):
+    edit_config(folder, rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match=r"config.json: rope_scaling\.type: 'dynamic'"):
         finetune.base_config(folder)
     edit_config(folder, rope_scaling=None, rope_theta=1e4,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     with pytest.raises(ConfigError, match=r"rope_theta 10000.0 and rope_parameters.rope_theta "
                                           r"500000.0 differ"):
         hf_config.read_config(folder)
+
+
+def test_rope_scaling_from_either_key_is_read_as_one_normalized_mapping(tmp_path, tokenizer):
+    """transformers 5 puts llama3 scaling in rope_parameters; older folders in rope_scaling with
+    `type`: both reach the student, the mirror and mlx-lm as the same normalized mapping."""
+    folder = save_tiny(tmp_path / "s", tokenizer)
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    edit_config(folder, rope_theta=None, rope_scaling=None,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **llama3})
+    config = hf_config.read_config(folder)
+    assert config["rope_theta"] == 5e5 and config["rope_scaling"] == {"rope_type": "llama3", **llama3}
+    assert hf_config.mlx_overrides(config)["rope_scaling"] == config["rope_scaling"]
+    assert read_checkpoint(folder)[0].rope_scaling == config["rope_scaling"]
+    edit_config(folder, rope_parameters=None, rope_theta=1e4,
+                rope_scaling={"type": "linear", "factor": 2.0})
+    assert hf_config.read_config(folder)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert finetune.base_config(folder)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
 def test_untied_config_without_lm_head_is_refused_by_export(tmp_path, tokenizer, capsys):

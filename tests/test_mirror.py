@@ -143,9 +143,9 @@ def test_unsupported_checkpoints_are_refused(tmp_path, student_dir):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModel, match="attention_bias: true.*; mlp_bias: true"):
         read_checkpoint(tmp_path)
-    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}  # (mlx_student/hf_config.py)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}  # (mlx_student/hf_config.py)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"config.json: rope_scaling.rope_type: 'linear'"):
+    with pytest.raises(ConfigError, match=r"config.json: rope_scaling.rope_type: 'yarn'"):
         read_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="no config.json"):
         read_checkpoint(tmp_path / "missing")
