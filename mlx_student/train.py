@@ -137,6 +137,9 @@ def build_parser():
     add("--temperature", type=float, help="KD temperature (T^2-scaled)")
     add("--jsd-beta", type=float, help="beta of the generalized JSD")
     add("--topk-tail", choices=TAILS, help="top-k KD tail mode")
+    add("--counted-positions", action=argparse.BooleanOptionalAction, default=None,
+        help="compute the LM head, softmax and teacher logits only where a loss term counts "
+        "(default; the same losses and gradients, faster on prompt-heavy records)")
     add("--process-weights", type=process_weights_flag,
         help=f"loss weights of the process spans of tool traces ({', '.join(SPAN_TYPES)}), "
         "e.g. tool_name=2,arguments=2,integration=1.5; unset types weigh 1")
