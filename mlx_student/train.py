@@ -39,6 +39,7 @@ from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
 from .losses import LOSSES, TAILS
+from .onpolicy import on_policy_settings
 from .quant import qat_settings
 from .teacher import default as default_teacher
 from .trainer import DTYPES, TrainingArgs, schedule, train
@@ -144,6 +145,9 @@ def build_parser():
         help=f"loss weights of the process spans of tool traces ({', '.join(SPAN_TYPES)}), "
         "e.g. tool_name=2,arguments=2,integration=1.5; unset types weigh 1")
     add("--qat", type=qat_flag, help="QAT after a step: bits=8,start_step=160 (group_size, embeddings, scales=lsq, activations=8, observer, observer_batches, ema_decay)")
+    add("--on-policy", type=qat_flag, help="GKD: lmbda=0.5,temperature=1,max_new_tokens=64: that "
+        "fraction of each batch's completions sampled by the student, scored by --teacher "
+        "(dense KD terms only)")
     add("--teacher", help="mlx-lm folder whose logits the dense KD losses distil (same vocab), "
         "e.g. the fp model for QAT by self-distillation")
     add("--init-from", help="mlx-lm llama folder to start from (layers/widths cut to `model:`)")
@@ -192,6 +196,7 @@ def run(args):
     try:
         args.qat = qat_settings(args.qat)
         weights = process_weights(args.process_weights)
+        args.on_policy = on_policy_settings(args.on_policy, args.loss, args.teacher)
         finetune.check_settings(args, config)
     except ValueError as e:
         raise ConfigError(f"{args.config}: {e}") from None
@@ -249,7 +254,7 @@ def run(args):
     valid = splits["valid"].examples if "valid" in splits else None
     teacher = mlx_lm.load(args.teacher)[0] if args.teacher else None
     history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report,
-                    on_save, teacher)
+                    on_save, teacher, tokenizer.eos_token_ids)
     bar.close()
     if rank == 0:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]

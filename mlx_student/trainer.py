@@ -17,6 +17,9 @@ distillation:
   counts (a KD record's prompt is often 3/4 of its tokens); the transformer still runs over
   every position. The losses and gradients are those of the full logits up to fp32
   summation order.
+* On-policy distillation (`on_policy`, mlx_student.onpolicy; GKD): a fraction of each
+  step's rows is replaced by completions the student samples, seeded from (seed, step, row),
+  which the in-process teacher scores.
 * QAT (`qat`, mlx_student.quant) is a phase of the same run: the steps after
   `qat["start_step"]` train the fp32 masters through fake-quantized weights (straight-through
   estimator), and validate the fake-quantized model. When the phase starts, learned (LSQ)
@@ -40,6 +43,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 from .data import PAD_TO, iterate_batches
 from .losses import loss_mix, topk_kd
 from .model import logits_at
+from .onpolicy import on_policy_batch
 from .quant import fake_quantize, fake_quantized
 from .quant import prepare as prepare_qat
 
@@ -66,6 +70,7 @@ class TrainingArgs:
     topk_tail: str = "bucket"
     counted_positions: bool = True  # LM head only where a loss term counts (False: everywhere)
     qat: Optional[dict] = None  # quant.qat_settings: {bits, group_size, embeddings, start_step}
+    on_policy: Optional[dict] = None  # onpolicy.on_policy_settings: {lmbda, temperature, max_new_tokens}
 
 
 def schedule(learning_rate, iters, warmup, min_lr_ratio):
@@ -187,9 +192,10 @@ def evaluate(model, examples, args, teacher=None):
 
 
 def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=None, on_save=None,
-          teacher=None):
+          teacher=None, eos_token_ids=()):
     """Run `args.iters` optimizer steps from `start_step`; `teacher`: a model in this process
-    whose logits the dense KD losses (forward_kl, reverse_kl, jsd) distil.
+    whose logits the dense KD losses (forward_kl, reverse_kl, jsd) distil; `eos_token_ids`:
+    where the student's on-policy samples stop (`args.on_policy`).
 
     on_report(record) gets every step's metrics (rank 0 only); on_save(step) is called every
     `steps_per_save` steps and at the end (rank 0 only). Returns the list of records.
@@ -255,6 +261,11 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
         # each weighing its per-token mean by its count / the step's count.
         mx.random.seed(args.seed * 1_000_003 + it)  # RNG state = f(seed, step): resumable
         batch = next(batches)
+        if args.on_policy:
+            with fake_quantized(model, args.qat if phase else None):
+                batch, _ = on_policy_batch(model, batch, args.on_policy, set(eos_token_ids),
+                                           args.seed, it, args.max_seq_length)
+            mx.random.seed(args.seed * 1_000_003 + it)  # the step's RNG, as without sampling
         if args.counted_positions:
             batch = counted_positions(batch)
         totals = mx.maximum(mx.stack([_term_mask(n, batch).sum() for n in names]), 1)
