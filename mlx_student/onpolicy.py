@@ -83,7 +83,7 @@ def on_policy_batch(model, batch, settings, stop, seed, step, max_seq_length, pa
     arrays = {k: np.array(v) for k, v in batch.items()}
     mask = arrays["mask"]
     real = np.flatnonzero(mask.any(axis=1))
-    n = int(round(settings["lmbda"] * len(real)))
+    n = round(settings["lmbda"] * len(real))
     chosen = np.sort(np.random.default_rng([seed, step]).choice(real, n, replace=False))
     if not n:
         return batch, []

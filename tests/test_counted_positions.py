@@ -16,7 +16,7 @@ from mlx_student.config import load_config
 from mlx_student.data import iterate_batches, load_dataset, load_jsonl
 from mlx_student.tools import spans, toolgen
 from mlx_student.tools.traces import gold_trace
-from mlx_student.trainer import TrainingArgs, counted_positions, evaluate, make_loss, train
+from mlx_student.trainer import TrainingArgs, counted_positions, make_loss, train
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -6,7 +6,7 @@ import json
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import ROOT, save_tiny, train_argv
+from conftest import save_tiny, train_argv
 
 from mlx_student import train
 from mlx_student.data import iterate_batches, load_dataset

@@ -97,6 +97,7 @@ def test_cli_writes_scored_records_the_trainer_loads(tmp_path, tokenizer, teache
 
     bad = tmp_path / "kd"
     write_jsonl(bad / "train.jsonl", [{"prompt": "hi", "completion": "hello"}])
-    proc = subprocess.run(cmd[:6] + [str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    proc = subprocess.run(cmd[:6] + [str(bad), "--out", str(tmp_path / "x")], check=False,
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "format 'completions'; scoring takes text records" in proc.stderr
     assert not (tmp_path / "x").exists()  # nothing half-written
