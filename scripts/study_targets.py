@@ -80,7 +80,7 @@ def held_out_metrics(student, teacher, windows, batch):
         agree = (mx.argmax(s_logits, axis=-1) == mx.argmax(t_logits, axis=-1)) * m
         sums["top1_agree"] += agree.sum().item()
         n += k
-    return {key: v / n for key, v in sums.items()}
+    return {key: float(v / n) for key, v in sums.items()}
 
 
 def main():
