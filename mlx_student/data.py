@@ -36,8 +36,16 @@ and every later record must have that format's keys:
   ``completion``; eos is appended when ``finish_reason == "stop"`` (unless the ids end
   with it already). ``topk[i]`` is the teacher's distribution for completion token i:
   its probabilities ``exp(logprob)`` sum to at most 1 (+ 1e-6 for rounding); the
-  appended eos has none. Other keys (``id``, ``reasoning``, ``teacher``, ``usage``)
-  are not used.
+  appended eos has none. ``"sampled": [[[id, count], ...], ...]`` (optional, beside or
+  instead of topk) holds, per completion token, the distinct ids among N draws from the
+  teacher's full distribution with their counts (random-sampled KD; N is the counts' sum).
+  Other keys (``id``, ``reasoning``, ``teacher``, ``usage``) are not used.
+
+  A scored-text record (teacher forcing over existing text, mlx_student.teacher.score) is a
+  ``kd`` record too, and may share a file with teacher completions: ``{"text": ...,
+  "ids": [t0, ..., tn], "topk": [...], "sampled": [...]}`` with ``topk`` / ``sampled`` (n
+  entries each, at least one given) the teacher's distribution for ``ids[1:]``: t0 is
+  context only, every later token is in the loss. It is not packed; ``text`` is not used.
 
 Lines are strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's json
 writes and reads by default) are refused, naming the field that holds one. Bad records
@@ -70,6 +78,7 @@ REQUIRED_KEYS = {
     "tools": ("messages", "tools"),
     "kd": ("messages", "completion", "finish_reason"),
 }
+SCORED_KEYS = ("text", "ids")  # a kd record of scored text
 
 
 class DataError(ValueError):
@@ -87,7 +96,8 @@ class Example:
     ``tokens[prompt_len:]`` are the loss tokens. ``topk_ids`` / ``topk_logprobs``
     ``(n, K)`` hold the teacher's top-k for tokens ``prompt_len .. prompt_len + n - 1``
     (the appended eos has none, so ``n <= len(tokens) - prompt_len``); lists shorter
-    than K are padded with id 0 and logprob ``-inf``. ``weights`` (records with process
+    than K are padded with id 0 and logprob ``-inf``. ``sampled_ids`` / ``sampled_counts``
+    ``(n, S)`` the same for sampled targets, padded with id 0 and count 0. ``weights`` (records with process
     spans) is the loss weight of each token as a target, 0 outside the loss; it replaces
     ``prompt_len`` as the loss mask.
     """
@@ -96,6 +106,8 @@ class Example:
     prompt_len: int
     topk_ids: Optional[np.ndarray] = None
     topk_logprobs: Optional[np.ndarray] = None
+    sampled_ids: Optional[np.ndarray] = None
+    sampled_counts: Optional[np.ndarray] = None
     weights: Optional[np.ndarray] = None
 
 
@@ -146,6 +158,8 @@ def _check_vocab(tokens, field, vocab_size):
 
 
 def _detect_format(record):
+    if all(k in record for k in SCORED_KEYS):
+        return "kd"
     if "messages" in record:
         if "completion" in record:
             return "kd"
@@ -300,6 +314,42 @@ def _topk(topk, n, source, vocab_size):
     return ids, logprobs
 
 
+def _sampled(sampled, n, source, vocab_size):
+    """Validate ``sampled`` (one list of [id, count] pairs per completion token)."""
+    _expect(sampled, list, "sampled", "a list with one list per completion token")
+    if len(sampled) != n:
+        raise _BadLine(f"field 'sampled': {len(sampled)} entries but {source} {n} tokens")
+    for i, position in enumerate(sampled):
+        _expect(position, list, f"sampled[{i}]", "a list of [id, count] pairs")
+        for j, pair in enumerate(position):
+            field = f"sampled[{i}][{j}]"
+            if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0])
+                    and _is_int(pair[1]) and pair[1] > 0):
+                raise _BadLine(f"field {field!r}: expected an [id, count] pair of an integer "
+                               f"and a positive integer, got {json.dumps(pair)}")
+            _check_id(pair[0], field, vocab_size)
+    return [[p[0] for p in row] for row in sampled], [[p[1] for p in row] for row in sampled]
+
+
+def _targets(record, n, source, vocab_size):
+    """The teacher targets of a kd record's n completion tokens: {"topk": (ids, logprobs),
+    "sampled": (ids, counts)}, the ones it has, ragged."""
+    out = {}
+    if record.get("topk") is not None:
+        out["topk"] = _topk(record["topk"], n, source, vocab_size)
+    if record.get("sampled") is not None:
+        out["sampled"] = _sampled(record["sampled"], n, source, vocab_size)
+    return out
+
+
+def _token_ids(ids, field, vocab_size):
+    _expect(ids, list, field, "a list of token ids")
+    for i, token in enumerate(ids):
+        _expect(token, int, f"{field}[{i}]", "an integer token id")
+        _check_id(token, f"{field}[{i}]", vocab_size)
+    return list(ids)
+
+
 def _tokenize_text(record, tokenizer, vocab_size):
     """Tokens of one text document, ending with eos (as mlx-lm's TextDataset)."""
     doc = tokenizer.encode(_expect(record["text"], str, "text", "a string"))
@@ -310,11 +360,20 @@ def _tokenize_text(record, tokenizer, vocab_size):
 
 
 def _tokenize(record, fmt, tokenizer, vocab_size, weights=None):
-    """Return ``(tokens, prompt_len, topk, token_weights)`` of a non-text record; topk is
-    ragged or None, token_weights (records with "spans") an array or None. ``weights``: the
+    """Return ``(tokens, prompt_len, targets, token_weights)`` of a non-text record; targets
+    the teacher's (``_targets``), token_weights (records with "spans") an array or None. ``weights``: the
     span type weights (``process_weights``)."""
     eos = tokenizer.eos_token_id
-    topk = token_weights = None
+    targets, token_weights = {}, None
+    if fmt == "kd" and "messages" not in record:  # scored text
+        _expect(record["text"], str, "text", "a string")
+        tokens = _token_ids(record["ids"], "ids", vocab_size)
+        if len(tokens) < 2:
+            raise _BadLine(f"field 'ids': {len(tokens)} tokens, nothing to predict")
+        targets = _targets(record, len(tokens) - 1, "'ids' has 1 +", vocab_size)
+        if not targets:
+            raise _BadLine("a scored-text record needs 'topk' or 'sampled'")
+        return tokens, 1, targets, None
     if fmt == "completions":
         prompt = _expect(record["prompt"], str, "prompt", "a string")
         completion = _expect(record["completion"], str, "completion", "a string")
@@ -346,19 +405,14 @@ def _tokenize(record, fmt, tokenizer, vocab_size, weights=None):
             completion = tokenizer.encode(text, add_special_tokens=False)
             source = "'completion' encodes to"
         else:
-            _expect(ids, list, "completion_ids", "a list of token ids")
-            for i, token in enumerate(ids):
-                _expect(token, int, f"completion_ids[{i}]", "an integer token id")
-                _check_id(token, f"completion_ids[{i}]", vocab_size)
-            completion = list(ids)
+            completion = _token_ids(ids, "completion_ids", vocab_size)
             source = "'completion_ids' has"
-        if record.get("topk") is not None:
-            topk = _topk(record["topk"], len(completion), source, vocab_size)
+        targets = _targets(record, len(completion), source, vocab_size)
         tokens += completion
         if finish == "stop" and (not completion or completion[-1] != eos):
             tokens.append(eos)
     _check_vocab(tokens, "messages" if "messages" in record else "prompt", vocab_size)
-    return tokens, prompt_len, topk, token_weights
+    return tokens, prompt_len, targets, token_weights
 
 
 def _pack(stream, limit):
@@ -371,10 +425,10 @@ def _pack(stream, limit):
     return [stream[i : i + limit] for i in range(0, len(stream) - 1, limit - 1)]
 
 
-def _pad_topk(ids, logprobs, k):
-    """Ragged top-k rows as ``(n, k)`` arrays padded with id 0 and logprob ``-inf``."""
+def _pad_topk(ids, logprobs, k, fill=-np.inf):
+    """Ragged top-k (or sampled) rows as ``(n, k)`` arrays padded with id 0 and `fill`."""
     out_ids = np.zeros((len(ids), k), np.int32)
-    out_logprobs = np.full((len(ids), k), -np.inf, np.float32)
+    out_logprobs = np.full((len(ids), k), fill, np.float32)
     for i, (row_ids, row_logprobs) in enumerate(zip(ids, logprobs)):
         out_ids[i, : len(row_ids)] = row_ids
         out_logprobs[i, : len(row_logprobs)] = row_logprobs
@@ -433,7 +487,9 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
                     raise _BadLine(f"expected a JSON object, got {_describe(record)}")
                 if fmt is None:
                     fmt, detected_at = _detect_format(record), lineno
-                missing = [k for k in REQUIRED_KEYS[fmt] if k not in record]
+                scored = fmt == "kd" and "messages" not in record and "ids" in record
+                missing = [k for k in (SCORED_KEYS if scored else REQUIRED_KEYS[fmt])
+                           if k not in record]
                 if missing:
                     raise _BadLine(
                         f"missing key(s) {', '.join(map(repr, missing))} "
@@ -459,9 +515,10 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
         examples = [Example(np.array(c, np.int32), 0) for c in _pack(stream, limit)]
         return Split(examples, fmt, skipped, 0, path)
 
-    k = max((len(row) for _, _, topk, _ in records if topk for row in topk[0]), default=0)
+    widths = {kind: max((len(row) for _, _, t, _ in records if kind in t for row in t[kind][0]),
+                        default=0) for kind in ("topk", "sampled")}
     examples, truncated = [], 0
-    for tokens, prompt_len, topk, token_weights in records:
+    for tokens, prompt_len, targets, token_weights in records:
         if len(tokens) > limit:
             truncated += 1
             tokens = tokens[:limit]
@@ -469,9 +526,15 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
         example = Example(np.array(tokens, np.int32), prompt_len)
         if token_weights is not None:
             example.weights = token_weights[:limit]
-        if topk is not None:
-            n = len(tokens) - prompt_len
-            example.topk_ids, example.topk_logprobs = _pad_topk(topk[0][:n], topk[1][:n], max(k, 1))
+        n = len(tokens) - prompt_len
+        if "topk" in targets:
+            ids, logprobs = targets["topk"]
+            example.topk_ids, example.topk_logprobs = _pad_topk(
+                ids[:n], logprobs[:n], max(widths["topk"], 1))
+        if "sampled" in targets:
+            ids, counts = targets["sampled"]
+            example.sampled_ids, example.sampled_counts = _pad_topk(
+                ids[:n], counts[:n], max(widths["sampled"], 1), fill=0)
         examples.append(example)
     if truncated:
         _warn(
@@ -505,7 +568,7 @@ def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines
     }
 
 
-def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False):
+def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False, s=None):
     lengths = [min(len(ex.tokens), max_seq_length + 1) for ex in batch]
     width = min(PAD_TO * -(-(max(lengths) - 1) // PAD_TO), max_seq_length)
     shape = (rows, width)
@@ -513,10 +576,13 @@ def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False):
     targets = np.full(shape, pad_id, np.int32)
     mask = np.zeros(shape, np.float32)
     token_weights = np.zeros(shape, np.float32)
+    kd_mask = np.zeros(shape, np.float32)
     if k is not None:
-        kd_mask = np.zeros(shape, np.float32)
         topk_ids = np.zeros(shape + (k,), np.int32)
         topk_logprobs = np.full(shape + (k,), -np.inf, np.float32)
+    if s is not None:
+        sampled_ids = np.zeros(shape + (s,), np.int32)
+        sampled_counts = np.zeros(shape + (s,), np.float32)
     for j, (ex, length) in enumerate(zip(batch, lengths)):
         n = length - 1
         inputs[j, :n] = ex.tokens[:n]
@@ -534,11 +600,21 @@ def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False):
             topk_ids[j, start : start + m, :kk] = ex.topk_ids[:m]
             topk_logprobs[j, start : start + m, :kk] = ex.topk_logprobs[:m]
             kd_mask[j, start : start + m] = np.isfinite(ex.topk_logprobs[:m]).any(axis=1)
+        if ex.sampled_ids is not None:
+            m = max(min(len(ex.sampled_ids), n - start), 0)
+            ss = ex.sampled_ids.shape[1]
+            sampled_ids[j, start : start + m, :ss] = ex.sampled_ids[:m]
+            sampled_counts[j, start : start + m, :ss] = ex.sampled_counts[:m]
+            kd_mask[j, start : start + m] += (ex.sampled_counts[:m] > 0).any(axis=1)
     out = {"inputs": inputs, "targets": targets, "mask": mask}
     if weighted:
         out["token_weights"] = token_weights
+    if k is not None or s is not None:
+        out["kd_mask"] = np.minimum(kd_mask, 1)
     if k is not None:
-        out.update(kd_mask=kd_mask, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        out.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+    if s is not None:
+        out.update(sampled_ids=sampled_ids, sampled_counts=sampled_counts)
     return {name: mx.array(a) for name, a in out.items()}
 
 
@@ -561,7 +637,9 @@ def iterate_batches(
     ``(B, L)`` float32, 1 where the target is a loss token. If any example carries
     teacher top-k there are also ``"kd_mask"`` ``(B, L)`` float32 (1 where the target
     has teacher top-k), ``"topk_ids"`` ``(B, L, K)`` int32 and ``"topk_logprobs"``
-    ``(B, L, K)`` float32 (padding: id 0, logprob ``-inf``), aligned with the targets.
+    ``(B, L, K)`` float32 (padding: id 0, logprob ``-inf``), aligned with the targets;
+    with sampled targets, ``"sampled_ids"`` ``(B, L, S)`` int32 and ``"sampled_counts"``
+    ``(B, L, S)`` float32 (padding: id 0, count 0), and "kd_mask" also 1 where they are.
     If any example has process weights there is also ``"token_weights"`` ``(B, L)``
     float32: each target's loss weight (the mask's 1 elsewhere, 0 outside the loss).
     L is the longest example less one rounded up to a multiple of 32, at most
@@ -575,6 +653,8 @@ def iterate_batches(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
+    s = max((ex.sampled_ids.shape[1] for ex in examples if ex.sampled_ids is not None),
+            default=None)
     weighted = any(ex.weights is not None for ex in examples)
     epoch, skip = divmod(start, len(batches))
     if epoch and not loop:
@@ -583,7 +663,7 @@ def iterate_batches(
         order = np.random.default_rng([seed, epoch]).permutation(len(batches))
         for b in order[skip:]:
             yield _collate(
-                [examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k, weighted
+                [examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k, weighted, s
             )
         if not loop:
             break

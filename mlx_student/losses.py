@@ -19,6 +19,9 @@ gradient.
   logits (an in-process teacher); there is no separate ``dense_kd``.
 * ``topk_kd``: sparse KD from stored teacher top-k log-probabilities (e.g.
   from an OpenAI-compatible API).
+* ``sampled_kd``: sparse KD from N ids drawn from the teacher's full distribution
+  per position, stored as ids with counts (random-sampled KD, arXiv 2503.16870):
+  unbiased where top-k truncation is not.
 * ``loss_mix``: weighted sum of the above, driven by a batch dict.
 """
 
@@ -179,6 +182,30 @@ def topk_kd(logits, topk_ids, topk_logprobs, mask, temperature=1.0, tail="bucket
     return _masked_mean(per_token, mask, weights)
 
 
+def sampled_kd(logits, sampled_ids, sampled_counts, mask, weights=None):
+    """Random-sampled KD (Anshumann et al., 2025, arXiv 2503.16870): ``KL(p_hat || q)``.
+
+    ``sampled_ids`` (B, L, S) int and ``sampled_counts`` (B, L, S) hold, per position, the
+    distinct ids among N draws from the teacher's full distribution (temperature 1) and how
+    often each was drawn; ``p_hat = counts / N`` (N = the row's count sum) is the empirical
+    teacher distribution, ``q`` the student's full-vocabulary softmax. Entries with count 0
+    are padding (their id can be any valid index). The gradient with respect to the logits,
+    ``q - p_hat``, is an unbiased estimate of the dense forward-KL gradient ``q - p``: the
+    student is pulled toward the teacher's whole distribution, tail included, which top-k
+    truncation biases. (The value is ``KL(p_hat || q)``, not an unbiased estimate of
+    ``KL(p || q)``: use ``forward_kl`` with the teacher's logits to measure.)
+    """
+    logits = logits.astype(mx.float32)
+    counts = mx.maximum(sampled_counts.astype(mx.float32), 0.0)
+    p = counts / mx.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+    log_q = mx.take_along_axis(logits, sampled_ids, axis=-1) - mx.logsumexp(
+        logits, axis=-1, keepdims=True
+    )
+    log_p = mx.log(mx.where(p > 0, p, 1.0))
+    per_token = mx.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=-1)
+    return _masked_mean(per_token, mask, weights)
+
+
 def _kd_mask(batch):
     return batch.get("kd_mask", batch["mask"])
 
@@ -215,6 +242,12 @@ LOSSES = {
             logits, b["topk_ids"], b["topk_logprobs"], _kd_mask(b), T, tail, b.get("token_weights")
         ),
     ),
+    "sampled_kd": (
+        ("sampled_ids", "sampled_counts", "mask"),
+        lambda logits, b, T, beta, tail: sampled_kd(
+            logits, b["sampled_ids"], b["sampled_counts"], _kd_mask(b), b.get("token_weights")
+        ),
+    ),
 }
 
 
@@ -223,8 +256,8 @@ def loss_mix(logits, batch, weights, temperature=1.0, beta=0.5, tail="bucket"):
 
     ``batch`` holds ``"targets"`` and ``"mask"`` (positions where the loss
     counts) and, as the chosen terms need them, ``"teacher_logits"``,
-    ``"topk_ids"``, ``"topk_logprobs"`` and ``"kd_mask"`` (positions with a
-    teacher signal; defaults to ``"mask"``). ``"ce"`` uses ``"mask"``, the KD
+    ``"topk_ids"``, ``"topk_logprobs"``, ``"sampled_ids"``, ``"sampled_counts"`` and
+    ``"kd_mask"`` (positions with a teacher signal; defaults to ``"mask"``). ``"ce"`` uses ``"mask"``, the KD
     terms ``"kd_mask"``. An optional ``"token_weights"`` (per-token process weights)
     scales every term's per-token loss. Terms with weight 0 are skipped.
 

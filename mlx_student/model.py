@@ -50,6 +50,29 @@ def build(config: StudentConfig, seed: int = 0) -> llama.Model:
     return model
 
 
+def lm_head(model: nn.Module, hidden: mx.array) -> mx.array:
+    """The LM head of an mlx-lm model whose logits are ``head(model.model(inputs))`` (llama,
+    mistral, qwen2/3 ...): the tied embedding's ``as_linear`` or ``lm_head``.
+    hidden (..., D) -> logits (..., V). Raises ValueError for a model without that layout."""
+    args, body = getattr(model, "args", None), getattr(model, "model", None)
+    if getattr(args, "tie_word_embeddings", False) and hasattr(body, "embed_tokens"):
+        return body.embed_tokens.as_linear(hidden)
+    if hasattr(model, "lm_head"):
+        return model.lm_head(hidden)
+    raise ValueError(f"{type(model).__module__}: no lm_head or tied embedding to take logits "
+                     "at chosen positions with")
+
+
+def logits_at(model: nn.Module, inputs: mx.array, positions=None) -> mx.array:
+    """Logits of `inputs` (B, L): (B, L, V), or with `positions` (B, P) int32 only there,
+    (B, P, V): the transformer runs over all L positions, the LM head (the largest matmul of
+    a small model and the (B, ., V) tensors of the loss) over P."""
+    if positions is None:
+        return model(inputs)
+    hidden = model.model(inputs)
+    return lm_head(model, mx.take_along_axis(hidden, positions[..., None], axis=1))
+
+
 def num_parameters(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 

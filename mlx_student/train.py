@@ -38,6 +38,7 @@ from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
 from .losses import LOSSES, TAILS
+from .onpolicy import on_policy_settings
 from .quant import qat_settings
 from .teacher import default as default_teacher
 from .trainer import DTYPES, TrainingArgs, schedule, train
@@ -136,10 +137,16 @@ def build_parser():
     add("--temperature", type=float, help="KD temperature (T^2-scaled)")
     add("--jsd-beta", type=float, help="beta of the generalized JSD")
     add("--topk-tail", choices=TAILS, help="top-k KD tail mode")
+    add("--counted-positions", action=argparse.BooleanOptionalAction, default=None,
+        help="compute the LM head, softmax and teacher logits only where a loss term counts "
+        "(default; the same losses and gradients, faster on prompt-heavy records)")
     add("--process-weights", type=process_weights_flag,
         help=f"loss weights of the process spans of tool traces ({', '.join(SPAN_TYPES)}), "
         "e.g. tool_name=2,arguments=2,integration=1.5; unset types weigh 1")
     add("--qat", type=qat_flag, help="QAT after a step: bits=8,start_step=160 (group_size, embeddings, scales=lsq, activations=8, observer, observer_batches, ema_decay)")
+    add("--on-policy", type=qat_flag, help="GKD: lmbda=0.5,temperature=1,max_new_tokens=64: that "
+        "fraction of each batch's completions sampled by the student, scored by --teacher "
+        "(dense KD terms only)")
     add("--teacher", help="mlx-lm folder whose logits the dense KD losses distil (same vocab), "
         "e.g. the fp model for QAT by self-distillation")
     add("--init-from", help="mlx-lm llama folder to start from (layers/widths cut to `model:`)")
@@ -194,7 +201,9 @@ def check(args) -> tuple:
                                                "compute_dtype": list(DTYPES)})
     weights = {}  # the process spans' weights, every type
     checks = [(None, lambda: setattr(args, "qat", qat_settings(args.qat))),
-              (None, lambda: weights.update(process_weights(args.process_weights)))]
+              (None, lambda: weights.update(process_weights(args.process_weights))),
+              (None, lambda: setattr(args, "on_policy", on_policy_settings(
+                  args.on_policy, args.loss, args.teacher)))]
     if not any(k == "num_layers" for k, _ in found):  # it compares num_layers with the model
         checks.append((None, lambda: finetune.check_settings(args, config)))
     if args.teacher:  # its folder read now, not after the data and the student
@@ -267,7 +276,7 @@ def run(args):
     valid = splits["valid"].examples if "valid" in splits else None
     teacher = hf_config.load(args.teacher)[0] if args.teacher else None
     history = train(model, optimizer, splits["train"].examples, valid, targs, start, on_report,
-                    on_save, teacher)
+                    on_save, teacher, tokenizer.eos_token_ids)
     bar.close()
     if rank == 0:
         records = [json.loads(line) for line in metrics.read_text().splitlines()]

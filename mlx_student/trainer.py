@@ -12,6 +12,14 @@ distillation:
   (seed, step) every step. A resumed run sees exactly what the uninterrupted one would have.
 * Validation reports, besides loss and perplexity, top-1 agreement with the teacher and KL to
   its top-k distribution when the data carry teacher top-k.
+* Only the positions that count (`counted_positions`, on by default): the LM head, the
+  softmax and an in-process teacher's head run only at the positions where some loss term
+  counts (a KD record's prompt is often 3/4 of its tokens); the transformer still runs over
+  every position. The losses and gradients are those of the full logits up to fp32
+  summation order.
+* On-policy distillation (`on_policy`, mlx_student.onpolicy; GKD): a fraction of each
+  step's rows is replaced by completions the student samples, seeded from (seed, step, row),
+  which the in-process teacher scores.
 * QAT (`qat`, mlx_student.quant) is a phase of the same run: the steps after
   `qat["start_step"]` train the fp32 masters through fake-quantized weights (straight-through
   estimator), and validate the fake-quantized model. When the phase starts, learned (LSQ)
@@ -32,8 +40,10 @@ from mlx.utils import tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from .data import iterate_batches
+from .data import PAD_TO, iterate_batches
 from .losses import loss_mix, topk_kd
+from .model import logits_at
+from .onpolicy import on_policy_batch
 from .quant import fake_quantize, fake_quantized
 from .quant import prepare as prepare_qat
 
@@ -58,7 +68,9 @@ class TrainingArgs:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     topk_tail: str = "bucket"
+    counted_positions: bool = True  # LM head only where a loss term counts (False: everywhere)
     qat: Optional[dict] = None  # quant.qat_settings: {bits, group_size, embeddings, start_step}
+    on_policy: Optional[dict] = None  # onpolicy.on_policy_settings: {lmbda, temperature, max_new_tokens}
 
 
 def schedule(learning_rate, iters, warmup, min_lr_ratio):
@@ -76,6 +88,36 @@ def _term_mask(name, batch):
     return batch["kd_mask"] if name != "ce" and "kd_mask" in batch else batch["mask"]
 
 
+# Batch arrays with one entry per position (B, L, ...), gathered with the logits.
+PER_POSITION = ("targets", "mask", "kd_mask", "token_weights", "topk_ids", "topk_logprobs",
+                "sampled_ids", "sampled_counts")
+
+
+def counted_positions(batch, multiple=PAD_TO):
+    """`batch` with its per-position arrays gathered at the positions some loss term counts
+    (nonzero "mask" or "kd_mask"), plus "positions" (B, P) int32, their indices into the
+    inputs, for `mlx_student.model.logits_at`. Each row takes its counted positions in
+    order, then uncounted ones (mask 0, so they add nothing); P is the most any row counts,
+    rounded up to `multiple` so the compiled step sees few shapes. When P would be the whole
+    width L the batch comes back unchanged."""
+    counted = batch["mask"] != 0
+    if "kd_mask" in batch:
+        counted = counted | (batch["kd_mask"] != 0)
+    width = counted.shape[1]
+    p = min(multiple * max(-(-counted.sum(axis=1).max().item() // multiple), 1), width)
+    if p == width:
+        return batch
+    key = mx.where(counted, 0, width) + mx.arange(width)  # counted first, each in order
+    positions = mx.argsort(key, axis=1)[:, :p].astype(mx.int32)
+    out = {**batch, "positions": positions}
+    for name in PER_POSITION:
+        if name in batch:
+            v = batch[name]
+            index = positions.reshape(positions.shape + (1,) * (v.ndim - 2))
+            out[name] = mx.take_along_axis(v, index, axis=1)
+    return out
+
+
 def qat_active(args, step) -> bool:
     """Whether `step` (1-based) is a QAT step."""
     return args.qat is not None and step > args.qat["start_step"]
@@ -85,20 +127,23 @@ def make_loss(args, names, qat=None, teacher=None):
     """loss_fn(model, batch, scales) -> (sum of loss[n] * scales[i] * part_n, parts).
     With `qat` the forward pass sees the fake-quantized weights (then cast to the compute
     dtype); gradients reach the masters straight through. With a `teacher` model in this
-    process its logits are the batch's `teacher_logits` (the dense KD losses)."""
+    process its logits are the batch's `teacher_logits` (the dense KD losses). A batch with
+    "positions" (`counted_positions`) takes both models' logits only there."""
     dtype = DTYPES[args.compute_dtype]
     unit = {n: 1.0 for n in names}
 
     def loss_fn(model, batch, scales):
+        positions = batch.get("positions")
         if teacher is not None:
-            batch = {**batch, "teacher_logits": mx.stop_gradient(teacher(batch["inputs"]))}
+            teacher_logits = logits_at(teacher, batch["inputs"], positions)
+            batch = {**batch, "teacher_logits": mx.stop_gradient(teacher_logits)}
         if qat:
             model.update(fake_quantize(model.parameters(), qat))
         if dtype != mx.float32:
             # floating weights only: a QLoRA base's packed integers stay as they are
             model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating)
                                   else p, model.parameters()))
-        logits = model(batch["inputs"])
+        logits = logits_at(model, batch["inputs"], positions)
         _, parts = loss_mix(logits, batch, unit, args.temperature, args.jsd_beta, args.topk_tail)
         total = sum(args.loss[n] * scales[i] * parts[n] for i, n in enumerate(names))
         return total, parts
@@ -124,9 +169,12 @@ def evaluate(model, examples, args, teacher=None):
         if i == args.val_batches:
             break
         batch.pop("token_weights", None)
-        logits = model(batch["inputs"]).astype(mx.float32)
+        if args.counted_positions:
+            batch = counted_positions(batch)
+        positions = batch.get("positions")
+        logits = logits_at(model, batch["inputs"], positions).astype(mx.float32)
         if teacher is not None:
-            batch["teacher_logits"] = teacher(batch["inputs"])
+            batch["teacher_logits"] = logits_at(teacher, batch["inputs"], positions)
         _, parts = loss_mix(logits, batch, weights, args.temperature, args.jsd_beta, args.topk_tail)
         for name, value in parts.items():
             add(name, value.item(), _term_mask(name, batch).sum().item())
@@ -144,9 +192,10 @@ def evaluate(model, examples, args, teacher=None):
 
 
 def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=None, on_save=None,
-          teacher=None):
+          teacher=None, eos_token_ids=()):
     """Run `args.iters` optimizer steps from `start_step`; `teacher`: a model in this process
-    whose logits the dense KD losses (forward_kl, reverse_kl, jsd) distil.
+    whose logits the dense KD losses (forward_kl, reverse_kl, jsd) distil; `eos_token_ids`:
+    where the student's on-policy samples stop (`args.on_policy`).
 
     on_report(record) gets every step's metrics (rank 0 only); on_save(step) is called every
     `steps_per_save` steps and at the end (rank 0 only). Returns the list of records.
@@ -212,6 +261,13 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
         # each weighing its per-token mean by its count / the step's count.
         mx.random.seed(args.seed * 1_000_003 + it)  # RNG state = f(seed, step): resumable
         batch = next(batches)
+        if args.on_policy:
+            with fake_quantized(model, args.qat if phase else None):
+                batch, _ = on_policy_batch(model, batch, args.on_policy, set(eos_token_ids),
+                                           args.seed, it, args.max_seq_length)
+            mx.random.seed(args.seed * 1_000_003 + it)  # the step's RNG, as without sampling
+        if args.counted_positions:
+            batch = counted_positions(batch)
         totals = mx.maximum(mx.stack([_term_mask(n, batch).sum() for n in names]), 1)
         grad, sums = None, mx.zeros(len(names))
         for i in range(accum):

@@ -13,6 +13,12 @@ top-k is taken from every row's full distribution in one batched argpartition. W
 temperature > 0 the sampler is seeded from the prompt, so a rerun reproduces it; such prompts are
 decoded one at a time (a shared batch RNG would tie a sample to its batch mates).
 scripts/bench_teacher.py measures batched vs one-at-a-time records/s and tokens/s.
+
+`score(windows)` is teacher forcing instead: existing text (token windows) goes through the
+teacher in batched forward passes, no generation, and every position gets its exact top-k
+and/or N ids drawn from the full distribution with their counts (random-sampled KD, arXiv
+2503.16870): one forward pass per window instead of one decode step per token
+(mlx_student.teacher.score writes such records).
 """
 
 import hashlib
@@ -57,6 +63,26 @@ def topk_rows(logprobs: mx.array, k: int) -> list:
         order = np.lexsort((i, -v))
         out.append([[int(i[j]), min(float(v[j]), 0.0)] for j in order if v[j] > -np.inf])
     return out
+
+
+def sample_counts(logprobs: mx.array, n: int, key: mx.array) -> list:
+    """Per row of a (R, V) log-probability matrix, `n` ids drawn from its distribution
+    (temperature 1) as [[id, count], ...], counts summing to n, sorted by count descending
+    (ties by id). `key`: the mx.random key the draws come from."""
+    draws = np.array(mx.random.categorical(logprobs, num_samples=n, key=key))
+    out = []
+    for row in draws:
+        ids, counts = np.unique(row, return_counts=True)
+        order = np.lexsort((ids, -counts))
+        out.append([[int(ids[j]), int(counts[j])] for j in order])
+    return out
+
+
+def window_key(seed: int, ids) -> mx.array:
+    """The random key of a scored window: a function of (seed, its tokens) only, so a
+    window's draws do not depend on its batch mates, order or shard."""
+    digest = hashlib.sha256(json.dumps([seed, list(map(int, ids))]).encode()).hexdigest()
+    return mx.random.key(int(digest[:8], 16))
 
 
 def topk_of(logprobs: mx.array, k: int) -> list:
@@ -134,6 +160,34 @@ class LocalTeacher:
                                                   topk.pop(r.uid), r.finish_reason)
         finally:
             gen.close()
+
+    def score(self, windows, top_k=0, samples=0, seed=0, batch_size=None):
+        """Teacher forcing over token `windows` (lists of >= 2 ids, no generation): yield
+        (index, topk, sampled) per window, where topk[i] / sampled[i] is the teacher's
+        distribution for window[i + 1] given window[: i + 1]: its top `top_k` as
+        [[id, logprob], ...] (`topk_rows`) and `samples` draws as [[id, count], ...]
+        (`sample_counts`, keyed by `window_key(seed, window)`); either is None when 0.
+        Windows go `batch_size` (default: the generation batch size) at a time, longest
+        first (the order they are yielded in; ties by index), right-padded: causal
+        attention keeps a position's logits independent of the padding after it (up to
+        fp32 summation order across batch shapes). Raises ValueError without a target."""
+        if not (top_k or samples):
+            raise ValueError("score needs top_k > 0 or samples > 0")
+        batch_size = batch_size or self.args.batch_size
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = len(windows[rows[0]]) - 1
+            inputs = np.zeros((len(rows), width), np.int32)
+            for r, i in enumerate(rows):
+                inputs[r, : len(windows[i]) - 1] = windows[i][:-1]
+            logits = self.model(mx.array(inputs)).astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            for r, i in enumerate(rows):
+                lp = logprobs[r, : len(windows[i]) - 1]
+                topk = topk_rows(lp, top_k) if top_k else None
+                sampled = sample_counts(lp, samples, window_key(seed, windows[i])) if samples else None
+                yield i, topk, sampled
 
     async def complete(self, messages) -> Completion:
         # MLX work stays on the event loop's thread: one generation at a time, in order.
