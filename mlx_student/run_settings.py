@@ -104,8 +104,8 @@ def where(key: str, path, lines: dict, given) -> str:
     """`FILE:LINE: key` for a setting read from the config file `path` ({key: line}), `--flag`
     for one given on the command line (`given`: the keys set by flags), else `key (default)`."""
     top = key.split(".")[0]
-    if top in given:
-        return f"--{top.replace('_', '-')}"
+    if top in given:  # a sub-key of a flag's value: `--qat bits`, `--on-policy lmbda`
+        return f"--{top.replace('_', '-')}" + (f" {key.partition('.')[2]}" if "." in key else "")
     if key in lines or top in lines:
         return f"{path}:{lines.get(key, lines.get(top))}: {key}"
     return f"{key} (default)"

@@ -101,5 +101,5 @@ def test_cli_names_the_config_file(tmp_path, kd_data, capsys):
         train.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "run.yaml" in err and "on_policy.lmbda" in err
+    assert "run.yaml" in err and "--on-policy lmbda: a fraction in [0, 1], got 2" in err
 
