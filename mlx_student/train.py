@@ -34,7 +34,7 @@ from mlx_lm.utils import load_tokenizer
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint, finetune
+from . import checkpoint, finetune, prune
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
@@ -185,7 +185,7 @@ def plot_losses(history, path):
 
 
 def run(args):
-    config = load_config(args.config, finetune.base_config(args.init_from) if args.init_from else None)
+    config = load_config(args.config, prune.base_config(args.init_from) if args.init_from else None)
     try:
         args.qat = qat_settings(args.qat)
         weights = process_weights(args.process_weights)
