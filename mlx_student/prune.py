@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from . import model as student_model
 from .config import ConfigError, StudentConfig, load_config, load_yaml, validate
-from .data import DataError, load_jsonl
+from .data import DataError
 from .files import atomic_dir, write_json_atomic
 from .losses import cross_entropy, forward_kl
 
@@ -312,21 +312,33 @@ def importance(model, batches, drop_kl_tokens, progress=True) -> Importance:
 
 
 # ---------------------------------------------------------------- scoring
-def text_batches(path, tokenizer, vocab_size, tokens, seq_len, batch_size) -> list:
-    """About `tokens` tokens of a text jsonl file as (B, seq_len) int32 arrays: full-length
-    chunks spread evenly over the whole file (not only its first documents). Raises
-    DataError if the file has fewer."""
-    split = load_jsonl(path, tokenizer, vocab_size, seq_len - 1)
-    if split.format != "text":
-        raise DataError(f"{path}: format {split.format!r}; calibration and held-out text must be "
-                        "text records ({{\"text\": ...}})")
-    chunks = [ex.tokens for ex in split.examples if len(ex.tokens) == seq_len]
+def text_batches(path, tokenizer, tokens, seq_len, batch_size) -> list:
+    """About `tokens` tokens of a text jsonl file ({"text": ...} a line) as (B, seq_len) int32
+    arrays: seq_len-token chunks of documents spread evenly over the file, a few evenly spaced
+    chunks from each, so only those documents are tokenized. Raises DataError naming the file."""
     want = max(1, -(-tokens // seq_len))
+    try:
+        with open(path) as f:
+            texts = [json.loads(line)["text"] for line in f if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: calibration and held-out text must be a jsonl of "
+                        f"{{\"text\": ...}} records ({type(e).__name__}: {e})") from None
+    picked = np.linspace(0, len(texts) - 1, min(want, len(texts))).round().astype(int).tolist()
+    per = -(-want // max(len(picked), 1))
+    chunks = []
+    rest = [i for i in range(len(texts)) if i not in set(picked)]  # if the picked run short
+    for k, i in enumerate(picked + rest):
+        if len(chunks) >= want and k >= len(picked):
+            break
+        ids = tokenizer.encode(texts[i])
+        n = len(ids) // seq_len
+        take = np.linspace(0, n - 1, min(per, n)).round().astype(int) if n else []
+        chunks += [ids[j * seq_len : (j + 1) * seq_len] for j in take]
     if len(chunks) < want:
         raise DataError(f"{path}: {len(chunks) * seq_len} tokens in full chunks of {seq_len}; "
                         f"{want * seq_len} needed")
-    picked = [chunks[i] for i in np.linspace(0, len(chunks) - 1, want).round().astype(int)]
-    return [np.stack(picked[i : i + batch_size]) for i in range(0, want, batch_size)]
+    picked_chunks = np.array(chunks[:want], np.int32)
+    return [picked_chunks[i : i + batch_size] for i in range(0, want, batch_size)]
 
 
 def teacher_logprobs(teacher, batches) -> list:
@@ -399,8 +411,10 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for c in report["candidates"]:
         names = " = ".join([c["name"], *c["same_as"]])
+        n = report["base"]["num_hidden_layers"]
+        kept = f"all {n}" if c["layers"] == list(range(n)) else f"{len(c['layers'])}: {c['layers']}"
         lines.append(f"| {names} | {c['kl']:.4f} | {c['ce']:.3f} | {100 * c['top1_agree']:.1f} % |"
-                     f" {len(c['layers'])}: {c['layers']} | {'**chosen**' if c['chosen'] else ''} |")
+                     f" {kept} | {'**chosen**' if c['chosen'] else ''} |")
     imp = report["importance"]
     if imp.get("block"):
         order = lambda xs: np.argsort(xs).tolist()  # noqa: E731
@@ -433,12 +447,12 @@ def run(args) -> dict:
     candidates = [(d, w) for w in args.width for d in args.depth]
     imp = None
     if any(x != ("even", "norm") for x in candidates):
-        calib = text_batches(args.calibration, tokenizer, b.vocab_size, args.calibration_tokens,
-                             args.seq_len, args.batch_size)
+        calib = text_batches(args.calibration, tokenizer, args.calibration_tokens, args.seq_len,
+                             args.batch_size)
         needs_kl = c.num_hidden_layers < b.num_hidden_layers and "drop_kl" in args.depth
         imp = importance(teacher, calib, args.drop_kl_tokens if needs_kl else 0)
-    heldout = text_batches(args.heldout, tokenizer, b.vocab_size, args.heldout_tokens,
-                           args.seq_len, args.batch_size)
+    heldout = text_batches(args.heldout, tokenizer, args.heldout_tokens, args.seq_len,
+                           args.batch_size)
     reference = teacher_logprobs(teacher, heldout)
     rows, seen = [], {}
     for depth, width in tqdm(candidates, desc="candidates", unit="cut"):

@@ -30,7 +30,7 @@ def small_base(seed=0):
 def test_keeping_everything_reproduces_the_teachers_logits_exactly(teacher_dir, tokenizer):
     teacher, _ = mlx_lm.load(str(teacher_dir))
     b = StudentConfig(**prune.base_config(teacher_dir))
-    batches = prune.text_batches(CALIB, tokenizer, b.vocab_size, 64, 32, 2)
+    batches = prune.text_batches(CALIB, tokenizer, 64, 32, 2)
     imp = prune.importance(teacher, batches, drop_kl_tokens=0, progress=False)
     assert imp.tokens == 64 and imp.heads.shape == (30, 9) and imp.neurons.shape == (30, 1536)
     inputs = mx.array(batches[0])
@@ -61,7 +61,7 @@ def test_importance_ranks_planted_dead_units_last(tokenizer):
         w = np.array(norm.weight)
         w[5] = 0
         norm.weight = mx.array(w)
-    batches = prune.text_batches(CALIB, tokenizer, c.vocab_size, 128, 32, 2)
+    batches = prune.text_batches(CALIB, tokenizer, 128, 32, 2)
     imp = prune.importance(model, batches, drop_kl_tokens=64, progress=False)
     assert imp.drop_kl_tokens == 64 and imp.drop_kl[2] == 0 and (np.delete(imp.drop_kl, 2) > 0).all()
     assert np.argmin(imp.block) == 2 and np.argmin(imp.neurons[1]) == 7
@@ -103,12 +103,17 @@ def test_cli_writes_the_lowest_kl_cut_and_its_report_reads_back(tmp_path, tokeni
     student, tok = mlx_lm.load(str(out))
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["intermediate_size"]) == (3, 192)
-    heldout = prune.text_batches(HELDOUT, tok, c.vocab_size, 128, 32, 2)
+    heldout = prune.text_batches(HELDOUT, tok, 128, 32, 2)
     teacher, _ = mlx_lm.load(str(base))
     again = prune.score(student, heldout, prune.teacher_logprobs(teacher, heldout))
     for key in ("kl", "ce", "top1_agree"):
         assert again[key] == pytest.approx(best[key], rel=1e-5), key
     assert report["heldout_tokens"] == 4 * 31
+    # the held-out chunks are real text from documents spread over the file
+    texts = [json.loads(line)["text"] for line in open(HELDOUT)]
+    where = [next(i for i, t in enumerate(texts) if tok.decode(row.tolist()) in t)
+             for batch in heldout for row in batch]
+    assert len(set(where)) == 4
 
 
 @pytest.mark.parametrize("flags, message", [
