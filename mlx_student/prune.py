@@ -314,8 +314,9 @@ def importance(model, batches, drop_kl_tokens, progress=True) -> Importance:
 # ---------------------------------------------------------------- scoring
 def text_batches(path, tokenizer, tokens, seq_len, batch_size) -> list:
     """About `tokens` tokens of a text jsonl file ({"text": ...} a line) as (B, seq_len) int32
-    arrays: seq_len-token chunks of documents spread evenly over the file, a few evenly spaced
-    chunks from each, so only those documents are tokenized. Raises DataError naming the file."""
+    arrays: seq_len-token chunks of documents spread evenly over the file, dealt round-robin
+    (evenly spaced inside each document), so only those documents are tokenized. Raises
+    DataError naming the file if it is not such a file or holds too few tokens."""
     want = max(1, -(-tokens // seq_len))
     try:
         with open(path) as f:
@@ -324,16 +325,20 @@ def text_batches(path, tokenizer, tokens, seq_len, batch_size) -> list:
         raise DataError(f"{path}: calibration and held-out text must be a jsonl of "
                         f"{{\"text\": ...}} records ({type(e).__name__}: {e})") from None
     picked = np.linspace(0, len(texts) - 1, min(want, len(texts))).round().astype(int).tolist()
-    per = -(-want // max(len(picked), 1))
-    chunks = []
     rest = [i for i in range(len(texts)) if i not in set(picked)]  # if the picked run short
+    docs = []  # each tokenized document's full chunks
     for k, i in enumerate(picked + rest):
-        if len(chunks) >= want and k >= len(picked):
+        if k >= len(picked) and sum(map(len, docs)) >= want:
             break
         ids = tokenizer.encode(texts[i])
-        n = len(ids) // seq_len
-        take = np.linspace(0, n - 1, min(per, n)).round().astype(int) if n else []
-        chunks += [ids[j * seq_len : (j + 1) * seq_len] for j in take]
+        docs.append([ids[j * seq_len : (j + 1) * seq_len] for j in range(len(ids) // seq_len)])
+    counts = [0] * len(docs)  # chunks taken per document, dealt round-robin
+    while sum(counts) < want and any(c < len(d) for c, d in zip(counts, docs)):
+        for j, d in enumerate(docs):
+            if counts[j] < len(d) and sum(counts) < want:
+                counts[j] += 1
+    chunks = [d[t] for d, c in zip(docs, counts) if c
+              for t in np.linspace(0, len(d) - 1, c).round().astype(int)]
     if len(chunks) < want:
         raise DataError(f"{path}: {len(chunks) * seq_len} tokens in full chunks of {seq_len}; "
                         f"{want * seq_len} needed")

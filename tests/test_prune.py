@@ -113,7 +113,7 @@ def test_cli_writes_the_lowest_kl_cut_and_its_report_reads_back(tmp_path, tokeni
     texts = [json.loads(line)["text"] for line in open(HELDOUT)]
     where = [next(i for i, t in enumerate(texts) if tok.decode(row.tolist()) in t)
              for batch in heldout for row in batch]
-    assert len(set(where)) == 4
+    assert len(set(where)) == 3  # 4 documents picked, the first too short for a chunk
 
 
 @pytest.mark.parametrize("flags, message", [
