@@ -398,6 +398,8 @@ def target_config(args, base: dict) -> StudentConfig:
 def markdown(report: dict) -> str:
     """prune_report.md: the candidates table (chosen marked) and the importance summary."""
     t = report["teacher_heldout"]
+    drop = (f"drop-one-layer KL over {report['importance']['drop_kl_tokens']}"
+            if report["importance"]["drop_kl_tokens"] else "no layer is cut: no drop-one-layer KL")
     lines = [f"# Prune report: {report['out']}", "",
              f"Teacher `{report['teacher']}` ({report['base']['num_hidden_layers']} layers, hidden "
              f"{report['base']['hidden_size']}, MLP {report['base']['intermediate_size']}, "
@@ -408,8 +410,7 @@ def markdown(report: dict) -> str:
              f" heads ({report['parameters']['student']:,} of "
              f"{report['parameters']['teacher']:,} parameters).", "",
              f"Importance from {report['importance']['tokens']} calibration tokens of "
-             f"`{report['calibration']}` (drop-one-layer KL over "
-             f"{report['importance']['drop_kl_tokens']}); candidates scored before any training on "
+             f"`{report['calibration']}` ({drop}); candidates scored before any training on "
              f"{report['heldout_tokens']} tokens of `{report['heldout']}`, where the teacher's CE "
              f"is {t['ce']:.3f}.", "",
              "| candidate | KL to teacher | CE | top-1 agreement | layers kept | chosen |",
@@ -424,7 +425,8 @@ def markdown(report: dict) -> str:
     if imp.get("block"):
         order = lambda xs: np.argsort(xs).tolist()  # noqa: E731
         lines += ["", "Layers from least to most important: block importance "
-                  f"{order(imp['block'])}; drop-one-layer KL {order(imp['drop_kl'])}."]
+                  f"{order(imp['block'])}" + (f"; drop-one-layer KL {order(imp['drop_kl'])}"
+                                              if imp["drop_kl"] else "") + "."]
     lines += ["", f"Chosen: **{report['chosen']}** (the lowest KL), written to `{report['out']}`."]
     return "\n".join(lines) + "\n"
 
