@@ -224,7 +224,7 @@ def load_yaml(path) -> tuple:
 
 def load_config(path, base: Optional[dict] = None) -> StudentConfig:
     """Read and validate the `model:` section of a YAML config file. `base` (the fields of
-    a model a run starts from, mlx_student.finetune.base_config) fills what `model:` omits."""
+    a model a run starts from, mlx_student.prune.base_config) fills what `model:` omits."""
     data, lines = load_yaml(path)
     if "model" not in data and base is None:
         raise ConfigError(f"{path}: no `model:` section")

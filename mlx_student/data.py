@@ -113,13 +113,15 @@ class Example:
 
 @dataclass
 class Split:
-    """The examples of one jsonl file and what loading them skipped or truncated."""
+    """The examples of one jsonl file and what loading them skipped (bad lines), truncated
+    (longer than the limit) or dropped (no loss token)."""
 
     examples: list
     format: str
     skipped: int
     truncated: int
     path: Path
+    dropped: int = 0
 
 
 def _describe(value):
@@ -455,6 +457,16 @@ def _refuse_non_json_numbers(value, field=""):
             _refuse_non_json_numbers(v, sub)
 
 
+def _fit(tokens, prompt_len, limit):
+    """Cut a record to `limit` tokens, keeping its completion: the prompt loses tokens from
+    the left (as TRL's truncation_mode="keep_end") but keeps at least min(prompt_len,
+    limit // 2) of them; a completion longer than the rest is cut on the right. Every record
+    with a completion keeps a loss token. Returns (tokens, prompt_len, tokens cut on the left)."""
+    keep = min(prompt_len, max(limit - (len(tokens) - prompt_len), limit // 2))
+    cut = prompt_len - keep
+    return tokens[cut : cut + limit], keep, cut
+
+
 def _warn(message):
     print(f"[WARNING] {message}", file=sys.stderr)
 
@@ -462,8 +474,10 @@ def _warn(message):
 def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False, weights=None):
     """Load and tokenize one jsonl file (see the module docstring for the formats).
 
-    Non-text examples longer than ``max_seq_length + 1`` tokens are truncated (counted
-    in ``Split.truncated`` and reported on stderr); text is packed into chunks of that
+    Non-text examples longer than ``max_seq_length + 1`` tokens keep their completion, their
+    prompt cut from the left (``_fit``; counted in ``Split.truncated`` and reported on
+    stderr); records with no loss token are dropped (``Split.dropped``, reported), so no
+    batch is ever empty. Text is packed into chunks of that
     length. ``vocab_size`` is the model's: every token id must be below it. K of the
     top-k arrays is the longest top-k list in the file. ``weights``: the span type
     weights of records with process spans (``process_weights``; default all 1.0).
@@ -517,15 +531,18 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
 
     widths = {kind: max((len(row) for _, _, t, _ in records if kind in t for row in t[kind][0]),
                         default=0) for kind in ("topk", "sampled")}
-    examples, truncated = [], 0
+    examples, truncated, dropped = [], 0, 0
     for tokens, prompt_len, targets, token_weights in records:
+        if len(tokens) <= prompt_len or (token_weights is not None and not token_weights[1:].any()):
+            dropped += 1  # nothing to learn: an empty completion, or every weight 0
+            continue
         if len(tokens) > limit:
             truncated += 1
-            tokens = tokens[:limit]
-            prompt_len = min(prompt_len, limit)
+            tokens, prompt_len, cut = _fit(tokens, prompt_len, limit)
+            if token_weights is not None:
+                token_weights = token_weights[cut : cut + limit]
         example = Example(np.array(tokens, np.int32), prompt_len)
-        if token_weights is not None:
-            example.weights = token_weights[:limit]
+        example.weights = token_weights
         n = len(tokens) - prompt_len
         if "topk" in targets:
             ids, logprobs = targets["topk"]
@@ -538,10 +555,16 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
         examples.append(example)
     if truncated:
         _warn(
-            f"{truncated} examples in {path} are longer than max_seq_length + 1 = "
-            f"{limit} tokens and were truncated; consider pre-splitting your data"
+            f"{truncated} examples in {path} are longer than max_seq_length + 1 = {limit} "
+            "tokens: their prompts were cut from the left to keep the completions (at most "
+            "down to half the limit; longer completions were cut on the right); consider "
+            "pre-splitting your data"
         )
-    return Split(examples, fmt, skipped, truncated, path)
+    if dropped:
+        _warn(f"dropped {dropped} records of {path} with no loss tokens (an empty completion)")
+    if not examples:
+        raise DataError(f"{path}: no record has a loss token ({dropped} dropped)")
+    return Split(examples, fmt, skipped, truncated, path, dropped)
 
 
 def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False,

@@ -12,10 +12,12 @@ A run's settings (mlx_student.train) pick how the student starts and what it tra
                                      # [self_attn.q_proj, self_attn.v_proj]; null: every linear
     quantize_base: {bits: 4, group_size: 64}   # QLoRA: the frozen base in mlx's affine format
 
-A `model:` smaller than the base derives the student from it: fewer layers keep evenly spaced
-blocks (the first and the last always), narrower widths keep the leading hidden channels, the
-leading KV heads (each with its leading query heads) and the MLP neurons with the largest
-|up row| x |down column|. Without `init_from` the student is randomly initialized.
+A `model:` smaller than the base derives the student from it by mlx_student.prune's simplest
+cut (`even+norm`): fewer layers keep evenly spaced blocks (the first and the last always),
+narrower widths keep the leading hidden channels, the leading KV heads (each with its leading
+query heads) and the MLP neurons with the largest |up row| x |down column|. Cuts chosen by
+importance over calibration text: run mlx_student.prune first and start from its folder.
+Without `init_from` the student is randomly initialized.
 
 The frozen base needs no optimizer state and no fp32 master; only the adapters train. The
 checkpoint's model folder is always written fused (`fused`): plain float llama weights, the
@@ -28,22 +30,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import llama
+from mlx.utils import tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model, load_model
 
 from . import model as student_model
-from .config import ConfigError, StudentConfig
+from . import prune
+from .config import StudentConfig
 from .hf_config import mlx_overrides, read_config
 
 FINE_TUNE_TYPES = ("full", "lora", "dora")
 LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": None}
 QUANT_DEFAULTS = {"bits": 4, "group_size": 64}
-# config.json fields of a base that our llama cannot represent: refuse rather than drop them.
-# (RoPE kinds and the other shapes of foreign config.json files: mlx_student/hf_config.py.)
-UNSUPPORTED = {"attention_bias": False, "mlp_bias": False}
 
 
 def lora_settings(value) -> dict:
@@ -84,98 +82,17 @@ def check_settings(args, config: StudentConfig):
         args.quantize_base = q
 
 
-def base_config(folder) -> dict:
-    """The `model:` fields of an mlx-lm llama folder, its tokenizer the student's default."""
-    path = Path(folder) / "config.json"
-    try:
-        raw = read_config(folder)
-    except ConfigError as e:
-        raise ConfigError(f"init_from: {e}") from None
-    if raw.get("model_type") != "llama":
-        raise ConfigError(f"{path}: model_type {raw.get('model_type')!r}: only llama bases map onto "
-                          "the student (mlx_lm.models.llama)")
-    for key, ok in UNSUPPORTED.items():
-        if raw.get(key, ok) != ok:
-            raise ConfigError(f"{path}: {key} {raw[key]!r} is not supported by the student's llama")
-    values = StudentConfig.from_mlx_config(raw).__dict__.copy()
-    values.pop("qat")
-    values.pop("judge")
-    values["tokenizer"] = values["tokenizer"] or str(folder)
-    if "head_dim" not in raw:
-        values["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
-    return values
-
-
-def keep_layers(n_base: int, n: int) -> list:
-    """`n` of `n_base` blocks, evenly spaced, the first and the last always kept."""
-    if n > n_base:
-        raise ConfigError(f"model.num_hidden_layers: {n} is more than the base's {n_base}")
-    return np.round(np.linspace(0, n_base - 1, n)).astype(int).tolist() if n > 1 else [n_base - 1]
-
-
-def _select(c: StudentConfig, b: StudentConfig, layer: dict):
-    """Index arrays picking the student's widths out of the base's for one layer."""
-    if c.head_dim != b.head_dim:
-        raise ConfigError(f"model.head_dim: {c.head_dim} differs from the base's {b.head_dim}")
-    if c.num_key_value_heads > b.num_key_value_heads or c.num_attention_heads > b.num_attention_heads:
-        raise ConfigError("model.num_attention_heads / num_key_value_heads: more heads than the base")
-    d, group = c.head_dim, b.num_attention_heads // b.num_key_value_heads
-    per_kv = c.num_attention_heads // c.num_key_value_heads
-    if per_kv > group:
-        raise ConfigError(f"model: {per_kv} query heads per KV head; the base has {group}")
-    q_heads = [kv * group + j for kv in range(c.num_key_value_heads) for j in range(per_kv)]
-    q = np.concatenate([np.arange(h * d, (h + 1) * d) for h in q_heads])
-    kv = np.arange(c.num_key_value_heads * d)
-    mlp = layer["mlp"]
-    score = mx.linalg.norm(mlp["up_proj"]["weight"], axis=1) * mx.linalg.norm(mlp["down_proj"]["weight"], axis=0)
-    neurons = np.sort(np.argsort(-np.array(score.astype(mx.float32)))[: c.intermediate_size])
-    return mx.array(q), mx.array(kv), mx.array(neurons)
-
-
-def _derive(c: StudentConfig, b: StudentConfig, base: dict) -> dict:
-    """The student's weights cut out of the base's parameter tree."""
-    if c.vocab_size != b.vocab_size:
-        raise ConfigError(f"model.vocab_size: {c.vocab_size} differs from the base's {b.vocab_size}")
-    if c.hidden_size > b.hidden_size or c.intermediate_size > b.intermediate_size:
-        raise ConfigError("model.hidden_size / intermediate_size: wider than the base")
-    h = c.hidden_size
-    layers = [base["model"]["layers"][i] for i in keep_layers(b.num_hidden_layers, c.num_hidden_layers)]
-    out_layers = []
-    for layer in layers:
-        q, kv, neurons = _select(c, b, layer)
-        a, m = layer["self_attn"], layer["mlp"]
-        out_layers.append({
-            "self_attn": {"q_proj": {"weight": a["q_proj"]["weight"][q][:, :h]},
-                          "k_proj": {"weight": a["k_proj"]["weight"][kv][:, :h]},
-                          "v_proj": {"weight": a["v_proj"]["weight"][kv][:, :h]},
-                          "o_proj": {"weight": a["o_proj"]["weight"][:h][:, q]}},
-            "mlp": {"gate_proj": {"weight": m["gate_proj"]["weight"][neurons][:, :h]},
-                    "up_proj": {"weight": m["up_proj"]["weight"][neurons][:, :h]},
-                    "down_proj": {"weight": m["down_proj"]["weight"][:h][:, neurons]}},
-            "input_layernorm": {"weight": layer["input_layernorm"]["weight"][:h]},
-            "post_attention_layernorm": {"weight": layer["post_attention_layernorm"]["weight"][:h]},
-        })
-    out = {"model": {"embed_tokens": {"weight": base["model"]["embed_tokens"]["weight"][:, :h]},
-                     "layers": out_layers, "norm": {"weight": base["model"]["norm"]["weight"][:h]}}}
-    if not c.tie_word_embeddings:
-        head = base["lm_head"] if "lm_head" in base else base["model"]["embed_tokens"]
-        out["lm_head"] = {"weight": head["weight"][:, :h]}
-    return out
-
-
 def build_student(config: StudentConfig, args) -> nn.Module:
     """The model a run trains: random (seeded) or cut from `args.init_from`, the base
     quantized for QLoRA, adapters attached and the base frozen unless fine_tune_type is full."""
     if args.init_from:
         base, _ = load_model(Path(args.init_from), lazy=True,
                              model_config=mlx_overrides(read_config(args.init_from)))
-        base = dequantize_model(base)
-        weights = _derive(config, StudentConfig(**base_config(args.init_from)), base.parameters())
+        base = dequantize_model(base).parameters()
+        base_cfg = StudentConfig(**prune.base_config(args.init_from))
+        cut = prune.plan(config, base_cfg, "even", "norm", base)
         dtype = mx.float32 if args.fine_tune_type == "full" else None  # full: fp32 masters
-        weights = tree_flatten(weights)
-        model = llama.Model(student_model.model_args(config))
-        model.load_weights([(k, v.astype(dtype or v.dtype)) for k, v in weights])
-        mx.eval(model.parameters())
+        model = prune.build(config, cut, base, dtype)
     else:
         model = student_model.build(config, seed=args.seed)
     if args.fine_tune_type == "full":

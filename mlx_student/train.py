@@ -33,7 +33,7 @@ from mlx_lm.utils import load_tokenizer
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint, finetune, hf_config, run_settings
+from . import checkpoint, finetune, hf_config, prune, run_settings
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
@@ -196,7 +196,7 @@ def check(args) -> tuple:
     """The run's settings, all checked before anything runs (mlx_student.run_settings): the
     model config, then every run setting, listed together. Returns (StudentConfig, the
     process spans' weights). Raises ConfigError."""
-    config = load_config(args.config, finetune.base_config(args.init_from) if args.init_from else None)
+    config = load_config(args.config, prune.base_config(args.init_from) if args.init_from else None)
     found = run_settings.train_problems(args, {"optimizer": list(OPTIMIZERS),
                                                "compute_dtype": list(DTYPES)})
     weights = {}  # the process spans' weights, every type

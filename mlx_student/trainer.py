@@ -164,7 +164,9 @@ def evaluate(model, examples, args, teacher=None):
         counts[name] = counts.get(name, 0.0) + n
 
     weights = {k: 1.0 for k, w in args.loss.items() if w}
-    batches = iterate_batches(examples, args.batch_size, args.max_seq_length, seed=args.seed)
+    # a split smaller than one batch (a small valid split) is one batch of all its examples
+    batches = iterate_batches(examples, min(args.batch_size, len(examples)), args.max_seq_length,
+                              seed=args.seed)
     for i, batch in enumerate(batches):
         if i == args.val_batches:
             break

@@ -1,18 +1,23 @@
-"""The KD pilot end to end: default teacher -> KD mix -> top-k KD student and a CE control ->
-held-out evaluation -> fp16/int8 CoreML packages -> parity probes -> bench -> report.
+"""The KD pilot end to end: default teacher -> KD mix -> a student pruned from the teacher ->
+arms trained from that same init (a CE control, offline top-k KD, dense in-process KD) ->
+held-out evaluation with bootstrap intervals -> fp16/int8 CoreML packages of the best arm ->
+parity probes -> bench -> report.
 
     mlx_student.pilot --config configs/pilot.yaml [--quick] [--force STAGE ...] [--name NAME]
 
-The config is a student config (`model:` and mlx_student.train's run settings, which both
-students share) with an optional `pilot:` block (PILOT_DEFAULTS; `quick:` inside it overrides
-the rest under --quick). Every stage calls the function its own CLI calls (mlx_student.kd_mix,
-mlx_student.train, mlx_student.export, mlx_student.probe, mlx_student.bench) and writes under
+The config is a student config (`model:`, the shape cut from the teacher, and
+mlx_student.train's run settings, which every arm shares) with an optional `pilot:` block
+(PILOT_DEFAULTS; `quick:` inside it overrides the rest under --quick). Every stage calls the
+function its own CLI calls (mlx_student.kd_mix, mlx_student.prune, mlx_student.train,
+mlx_student.export, mlx_student.probe, mlx_student.bench) and writes under
 runs/<name>/ (the KD data under data/kd_<name>/). After a stage succeeds it writes
 runs/<name>/stamps/<stage>.json holding a key: the hash of its settings and of its inputs'
 contents. A rerun skips every stage whose key is unchanged and whose outputs are there (and
-says so); --force STAGE (or all) redoes one. The control student sees the same records, steps
-and seed as the KD student but learns by CE on the teacher's text only (sequence-level KD), so
-the report's comparison isolates what the teacher's top-k adds.
+says so); --force STAGE (or all) redoes one. Every arm starts from the pruned student (the
+prune report's lowest-KL cut) and sees the same records, steps, batches and seed; only the loss
+differs: the control learns by CE on the teacher's text (sequence-level KD), `topk_kd` from the
+stored top-k (tail bucket), `dense_kd` by forward KL to the teacher's full distribution computed
+in process. The evaluation (pilot/heldout.py) uses text no stage saw.
 """
 
 import argparse
@@ -32,8 +37,10 @@ from mlx_student.teacher import default as default_teacher
 from . import report
 from .paths import kd_dir, package_dir, probe_dir
 
-STAGES = ("teacher", "kd_mix", "train_kd", "train_control", "eval", "export", "probe", "bench",
-          "tool_calls")
+ARMS = ("control", "topk_kd", "dense_kd")
+STAGES = ("teacher", "kd_mix", "prune", *(f"train_{a}" for a in ARMS), "eval", "export", "probe",
+          "bench", "tool_calls")
+DENSE = ("forward_kl", "reverse_kl", "jsd")  # losses that need the teacher in process
 DOCS = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
 PILOT_DEFAULTS = {
     "name": "kd_pilot",  # runs/<name>/, data/kd_<name>/
@@ -41,13 +48,19 @@ PILOT_DEFAULTS = {
     # mlx_student.kd_mix: `config` plus flags (keys as its flags, with _) over it
     "kd_mix": {"config": "configs/kd_mix.yaml", "num_records": 1200, "max_tokens": 48,
                "batch_size": 16, "test_fraction": 0.1},
-    # mlx_student.train flags over the config's run settings, for both students
+    # mlx_student.prune flags: the student's shape is the config's `model:`
+    "prune": {"calibration": "data/stdlib/train.jsonl", "calibration_tokens": 4096,
+              "heldout": "data/stdlib/valid.jsonl", "heldout_tokens": 2048},
+    # mlx_student.train flags over the config's run settings, for every arm
     "train": {"iters": 120, "batch_size": 8, "learning_rate": 1.0e-3, "steps_per_eval": 40},
-    "kd_loss": {"topk_kd": 1.0},
-    "control_loss": {"ce": 1.0},
-    # held-out evaluation: the KD test split, and real text never used for prompts or training
+    "arms": {"control": {"ce": 1.0}, "topk_kd": {"topk_kd": 1.0}, "dense_kd": {"forward_kl": 1.0}},
+    # held-out evaluation (pilot/heldout.py): real text never used for prompts or training, and
+    # next-line ranking on the stdlib corpus' test split
     "eval": {"heldout": [str(DOCS / "tutorial"), str(DOCS / "faq")], "heldout_fallback":
-             "data/stdlib/test.jsonl", "max_seq_length": 256, "batch_size": 8, "batches": 24},
+             "data/stdlib/test.jsonl", "seq_len": 256, "sequences": 32, "batch_size": 4,
+             "next_line": {"file": "data/stdlib/test.jsonl", "items": 48, "context_tokens": 96,
+                           "candidates": 4},
+             "resamples": 2000},
     "export": {"config": "configs/export.yaml", "formats": ["fp16", "int8"], "contexts": [512],
                "prefill_lengths": [64, 128]},
     "probe": {"windows": 4, "decode_steps": 16},
@@ -56,9 +69,12 @@ PILOT_DEFAULTS = {
     # --quick: a few minutes on 2 cores (the CI test runs it on configs/tiny.yaml)
     "quick": {"kd_mix": {"num_records": 32, "max_tokens": 12, "valid_fraction": 0.25,
                          "test_fraction": 0.25},
+              "prune": {"calibration_tokens": 256, "heldout_tokens": 256, "drop_kl_tokens": 128,
+                        "seq_len": 64},
               "train": {"iters": 12, "batch_size": 4, "steps_per_eval": 6, "val_batches": 2,
                         "max_seq_length": 256},
-              "eval": {"batch_size": 4, "batches": 2, "max_seq_length": 256},
+              "eval": {"sequences": 8, "seq_len": 128,
+                       "next_line": {"items": 8, "context_tokens": 32}, "resamples": 200},
               "probe": {"windows": 1, "decode_steps": 4},
               "bench": {"prompt_lengths": [16], "decode_tokens": 8, "reps": 1},
               "tool_calls": {"n": 4}},
@@ -83,9 +99,11 @@ def settings_of(config_path, quick=False, name=None) -> dict:
     data, lines = load_yaml(config_path)
     block = data.get("pilot") or {}
     unknown = [k for k in block if k not in PILOT_DEFAULTS]
+    unknown += [f"arms.{k}" for k in block.get("arms") or {} if k not in ARMS]
     if unknown:
         raise ConfigError("\n".join(f"{config_path}:{lines.get(f'pilot.{k}', '?')}: pilot.{k}: "
-                                    "unknown pilot setting" for k in unknown))
+                                    f"unknown pilot setting (arms: {', '.join(ARMS)})"
+                                    for k in unknown))
     s = merge(PILOT_DEFAULTS, block)
     if quick:
         s = merge(s, s["quick"])
@@ -188,11 +206,14 @@ def kd_mix_argv(s: dict) -> list:
             "--student-tokenizer", str(teacher), "--out", str(kd_dir(s)), *flags(opts)]
 
 
-def train_argv(s: dict, which: str) -> list:
-    loss = s["kd_loss"] if which == "kd" else s["control_loss"]
-    return ["--config", s["config"], "--data", str(kd_dir(s)), "--out",
-            str(Path("runs") / s["name"] / which),
+def train_argv(s: dict, arm: str, init) -> list:
+    """mlx_student.train's command line of one arm: its loss over the shared run settings,
+    from the pruned student `init`; an arm with a dense KD term runs the teacher in process."""
+    loss = s["arms"][arm]
+    argv = ["--config", s["config"], "--data", str(kd_dir(s)), "--out",
+            str(Path("runs") / s["name"] / arm), "--init-from", str(init),
             "--loss", ",".join(f"{k}={v}" for k, v in loss.items()), *flags(s["train"])]
+    return argv + (["--teacher", s["teacher"]] if any(k in DENSE for k in loss) else [])
 
 
 def check_settings(s: dict):
@@ -207,12 +228,12 @@ def check_settings(s: dict):
     except ConfigError as e:
         raise ConfigError(f"{s['config']}: the kd_mix stage (its config, with pilot.kd_mix as "
                           f"flags):\n{e}") from None
-    for which in ("kd", "control"):
+    for arm in s["arms"]:  # from the teacher's folder: the pruned student is not cut yet
         try:
-            train.check(train.parse_args(train_argv(s, which)))
+            train.check(train.parse_args(train_argv(s, arm, s["teacher"])))
         except ConfigError as e:
-            raise ConfigError(f"{s['config']}: the {which} student's mlx_student.train settings "
-                              f"(the file's, with pilot.train and pilot.{which}_loss as flags):"
+            raise ConfigError(f"{s['config']}: the {arm} arm's mlx_student.train settings "
+                              f"(the file's, with pilot.train and pilot.arms.{arm} as flags):"
                               f"\n{e}") from None
 
 
@@ -234,15 +255,40 @@ def stage_kd_mix(p: Pilot):
 
 
 def student_dir(p: Pilot, which: str) -> Path:
+    """runs/<name>/<arm>/, or runs/<name>/pruned/ for the common init."""
     return p.dir / which
 
 
-def stage_train(p: Pilot, which: str):
+def shipped(p: Pilot) -> str:
+    """The arm that is exported, probed and benched: the eval's best (lowest held-out KL)."""
+    return json.loads((p.dir / "eval.json").read_text())["best"]
+
+
+def stage_prune(p: Pilot):
+    from mlx_student import prune
+
+    out, teacher = student_dir(p, "pruned"), Path(p.s["teacher"])
+    argv = ["--config", p.s["config"], "--teacher", str(teacher), "--out", str(out),
+            *flags(p.s["prune"])]
+
+    def run():
+        r = prune.run(prune.parse_args(argv))
+        return {"chosen": r["chosen"], "candidates": {c["name"]: {k: c[k] for k in (
+            "kl", "ce", "top1_agree")} for c in r["candidates"]}}
+
+    settings = {"argv": argv, "model": load_yaml(p.s["config"])[0].get("model")}
+    inputs = [teacher / "model.safetensors", *(p.s["prune"].get(k) or prune.PRUNE_DEFAULTS[k]
+                                                for k in ("calibration", "heldout"))]
+    return p.stage("prune", settings, inputs, [out / "model.safetensors",
+                                               out / "prune_report.json"], run)
+
+
+def stage_train(p: Pilot, arm: str):
     from mlx_student import checkpoint, train
 
-    out, data = student_dir(p, which), kd_dir(p.s)
-    argv = train_argv(p.s, which)
-    files = [data / f"{s}.jsonl" for s in ("train", "valid")]
+    out, data, init = student_dir(p, arm), kd_dir(p.s), student_dir(p, "pruned")
+    argv = train_argv(p.s, arm, init)
+    files = [data / f"{s}.jsonl" for s in ("train", "valid")] + [init / "model.safetensors"]
 
     def run():
         resume = p.resuming and checkpoint.trainer_dir(out).exists()
@@ -252,7 +298,7 @@ def stage_train(p: Pilot, which: str):
 
     config = {k: v for k, v in load_yaml(p.s["config"])[0].items() if k != "pilot"}
     settings = {"argv": argv, "config": config}  # not the pilot: block, which is not training's
-    return p.stage(f"train_{which}", settings, files, [out / "model.safetensors"], run)
+    return p.stage(f"train_{arm}", settings, files, [out / "model.safetensors"], run)
 
 
 def heldout_file(p: Pilot) -> Path:
@@ -273,52 +319,73 @@ def heldout_file(p: Pilot) -> Path:
     return out, "the .rst sources under " + ", ".join(map(str, dirs)) + ", which no prompt used"
 
 
+def gates(ev: dict, arms) -> dict:
+    """The pilot's goals, from the eval summary: the best KD arm (lowest KL) beats the control
+    beyond the 95 % interval on KL and CE and by >= GOAL_POINTS of top-1 agreement; the best
+    student (lowest CE) closes >= GOAL_GAP of the CE gap between the pruned init and the teacher."""
+    m, diff = ev["models"], ev["minus_control"]
+    kd = min((a for a in arms if a != "control"), key=lambda a: m[a]["kl"]["value"])
+    d = diff[kd]
+    best = min(arms, key=lambda a: m[a]["ce"]["value"])
+    ce0, ce_t = m["pruned"]["ce"]["value"], m["teacher"]["ce"]["value"]
+    closed = (ce0 - m[best]["ce"]["value"]) / (ce0 - ce_t) if ce0 > ce_t else float("nan")
+    return {
+        "best_kd_arm": kd, "best_student": best, "gap_closed": closed,
+        "kd_beats_control_kl": d["kl"]["ci95"][1] < 0,
+        "kd_beats_control_ce": d["ce"]["ci95"][1] < 0,
+        "kd_top1_points": 100 * d["top1_agree"]["value"],
+        "kd_beats_control_top1": 100 * d["top1_agree"]["value"] >= report.GOAL_POINTS,
+        "gap_closed_ok": closed >= report.GOAL_GAP,
+    }
+
+
 def stage_eval(p: Pilot):
-    """Both students (and the teacher's perplexity) on the KD test split and held-out text."""
-    test, (heldout, heldout_from) = kd_dir(p.s) / "test.jsonl", heldout_file(p)
-    students = {w: student_dir(p, w) for w in ("kd", "control")}
+    """The pruned init, every arm and the teacher on held-out text (pilot/heldout.py)."""
+    heldout, heldout_from = heldout_file(p)
+    e = p.s["eval"]
+    models = {w: student_dir(p, w) for w in ("pruned", *ARMS)}
     out = p.dir / "eval.json"
 
     def run():
         import mlx_lm
-        from mlx_student.data import load_jsonl
-        from mlx_student.trainer import TrainingArgs, evaluate
+        from mlx_student.prune import text_batches
 
-        e = p.s["eval"]
-        result = {"kd_test": str(test), "heldout": str(heldout), "heldout_from": heldout_from,
-                  "models": {}}
-        for name, path in [*students.items(), ("teacher", Path(p.s["teacher"]))]:
-            model, tok = mlx_lm.load(str(path))
-            vocab = model.args.vocab_size
-            row = {"path": str(path)}
-            if name != "teacher":  # the teacher agrees with its own greedy top-1 by construction
-                kd = load_jsonl(test, tok, vocab, e["max_seq_length"])
-                args = TrainingArgs(batch_size=min(e["batch_size"], len(kd.examples)),
-                                    max_seq_length=e["max_seq_length"], val_batches=-1,
-                                    loss={"ce": 1.0})
-                row["kd_test"] = {**evaluate(model, kd.examples, args),
-                                  "records": len(kd.examples)}
-            text = load_jsonl(heldout, tok, vocab, e["max_seq_length"])
-            args = TrainingArgs(batch_size=e["batch_size"], max_seq_length=e["max_seq_length"],
-                                val_batches=e["batches"], loss={"ce": 1.0})
-            row["heldout"] = {**evaluate(model, text.examples, args), "sequences": min(
-                len(text.examples), e["batches"] * e["batch_size"]),
-                "tokens_per_sequence": e["max_seq_length"]}
-            result["models"][name] = row
-            print(f"[pilot] eval {name}: " + json.dumps(row, default=str), flush=True)
-        kd, ctl = result["models"]["kd"]["kd_test"], result["models"]["control"]["kd_test"]
-        result["kd_minus_control_top1_points"] = 100 * (kd["top1_agree"] - ctl["top1_agree"])
+        from . import heldout as ho
+
+        teacher, tok = mlx_lm.load(p.s["teacher"])
+        loaded = {name: mlx_lm.load(str(path))[0] for name, path in models.items()}
+        batches = text_batches(heldout, tok, e["sequences"] * e["seq_len"], e["seq_len"],
+                               e["batch_size"])
+        print(f"[pilot] eval: {len(models) + 1} models on {e['sequences']} x {e['seq_len']} "
+              f"held-out tokens", flush=True)
+        stats = ho.sequence_stats(loaded, teacher, batches)
+        nl = e["next_line"]
+        items = ho.next_line_items(nl["file"], tok, nl["items"], nl["context_tokens"],
+                                   nl["candidates"])
+        lines = {name: ho.next_line_correct(m, items)
+                 for name, m in [*loaded.items(), ("teacher", teacher)]}
+        summary = ho.summarize(stats, lines, "control", e["resamples"], seed=0)
+        result = {"heldout": str(heldout), "heldout_from": heldout_from,
+                  "next_line_file": nl["file"], "candidates": nl["candidates"], **summary,
+                  "paths": {k: str(v) for k, v in models.items()}}
+        result["gates"] = gates(result, ARMS)
+        result["best"] = result["gates"]["best_kd_arm"]
         write_json_atomic(out, result)
-        return {"kd_minus_control_top1_points": result["kd_minus_control_top1_points"]}
+        for name, row in result["models"].items():
+            print(f"[pilot] eval {name}: " + ", ".join(
+                f"{k} {v['value']:.4g} [{v['ci95'][0]:.4g}, {v['ci95'][1]:.4g}]"
+                for k, v in row.items()), flush=True)
+        return result["gates"]
 
-    inputs = [test, heldout, p.s["teacher"], *(d / "model.safetensors" for d in students.values())]
-    return p.stage("eval", p.s["eval"], inputs, [out], run)
+    inputs = [heldout, e["next_line"]["file"], p.s["teacher"],
+              *(d / "model.safetensors" for d in models.values())]
+    return p.stage("eval", e, inputs, [out], run)
 
 
 def stage_export(p: Pilot):
     from export import cli
 
-    x, model = p.s["export"], student_dir(p, "kd")
+    x, model = p.s["export"], student_dir(p, shipped(p))
     opts = {k: v for k, v in x.items() if k not in ("config", "formats") and v}
 
     def run():
@@ -341,7 +408,7 @@ def stage_probe(p: Pilot):
     is recorded as mlx_student.probe would exit."""
     from export import probe
 
-    model = student_dir(p, "kd")
+    model = student_dir(p, shipped(p))
     pkgs = {f: package_dir(p.dir, f) for f in p.s["export"]["formats"]}
 
     def run():
@@ -366,7 +433,7 @@ def stage_probe(p: Pilot):
 def stage_bench(p: Pilot):
     from runtime import bench
 
-    model, out = student_dir(p, "kd"), p.dir / "bench"
+    model, out = student_dir(p, shipped(p)), p.dir / "bench"
 
     def run():
         r = bench.main(["--model", str(model), "--out", str(out), *flags(p.s["bench"])])
@@ -376,8 +443,9 @@ def stage_bench(p: Pilot):
 
 
 def stage_tool_calls(p: Pilot):
-    """Constrained tool calls from the KD student: every output must parse and match the schema."""
-    model, out = student_dir(p, "kd"), p.dir / "tool_calls.json"
+    """Constrained tool calls from the shipped student: every output must parse and match the
+    schema."""
+    model, out = student_dir(p, shipped(p)), p.dir / "tool_calls.json"
 
     def run():
         import jsonschema
@@ -419,8 +487,9 @@ def run(settings: dict, force=()) -> Pilot:
     tic = time.perf_counter()
     stage_teacher(p)
     stage_kd_mix(p)
-    stage_train(p, "kd")
-    stage_train(p, "control")
+    stage_prune(p)
+    for arm in ARMS:
+        stage_train(p, arm)
     stage_eval(p)
     stage_export(p)
     stage_probe(p)

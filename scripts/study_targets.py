@@ -30,7 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 import yaml
 
-from mlx_student import finetune
+from mlx_student import finetune, prune
 from mlx_student.config import load_config
 from mlx_student.data import load_jsonl
 from mlx_student.files import write_json_atomic
@@ -110,7 +110,7 @@ def main():
     cfg_path = out / "student.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": {"role": "pilot", "num_hidden_layers": a.layers,
                                                   "intermediate_size": a.intermediate}}))
-    config = load_config(cfg_path, finetune.base_config(a.teacher))
+    config = load_config(cfg_path, prune.base_config(a.teacher))
     build = Namespace(init_from=a.teacher, fine_tune_type="full", seed=a.seed)
     results = {"settings": vars(a), "train_tokens": tokens, "score_s": score_s,
                "init": held_out_metrics(finetune.build_student(config, build), teacher, held, a.batch),

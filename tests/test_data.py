@@ -214,16 +214,43 @@ def test_batch_width_capped_at_max_seq_length(tmp_path, tokenizer, capsys):
     assert batch["mask"][0, -1] == 1
 
 
-def test_kd_truncation_cuts_topk(tmp_path, tokenizer):
+def test_kd_truncation_keeps_the_completion_and_its_topk(tmp_path, tokenizer, capsys):
     ids = tokenizer.encode("one two three four five six seven", add_special_tokens=False)
-    record = kd_record(completion_ids=ids, topk=topk_for(ids))
-    prompt_len = load(tmp_path, tokenizer, [record]).examples[0].prompt_len
+    record = kd_record(completion_ids=ids, topk=topk_for(ids), finish_reason="length")
+    full = load(tmp_path, tokenizer, [record]).examples[0]
+    prompt_len = full.prompt_len
     split = load(tmp_path, tokenizer, [record], max_seq_length=prompt_len + 2)
     ex = split.examples[0]
+    # 4 prompt tokens cut from the left; the 7 completion tokens and their top-k all kept
     assert split.truncated == 1 and len(ex.tokens) == prompt_len + 3
-    assert ex.topk_ids.shape[0] == 3
+    assert ex.prompt_len == prompt_len - 4
+    np.testing.assert_array_equal(ex.tokens, full.tokens[4:])
+    np.testing.assert_array_equal(ex.topk_ids, full.topk_ids)
     batch = one_batch(split.examples, max_seq_length=prompt_len + 2)
-    assert batch["kd_mask"].sum() == 3
+    assert batch["kd_mask"].sum() == 7 and batch["mask"].sum() == 7
+    assert "prompts were cut from the left" in capsys.readouterr().err
+
+
+def test_prompts_longer_than_the_limit_never_make_an_empty_batch(tmp_path, tokenizer, capsys):
+    long_prompt = "word " * 200
+    records = [{"prompt": long_prompt, "completion": "short answer"}] * 2
+    records += [{"prompt": "Q", "completion": "done " * 100}]
+    split = load(tmp_path, tokenizer, records, max_seq_length=64)
+    assert split.truncated == 3 and split.dropped == 0
+    answer = tokenizer.encode("short answer", add_special_tokens=False)
+    for ex in split.examples[:2]:  # the whole completion, after the prompt's last tokens
+        assert list(ex.tokens[-len(answer) - 1 : -1]) == answer and len(ex.tokens) == 65
+    long_answer = split.examples[2]  # the prompt fits in half the limit: the completion is cut
+    assert len(long_answer.tokens) == 65 and long_answer.prompt_len < 32
+    batch = one_batch(split.examples[:2], max_seq_length=64)
+    assert batch["mask"].sum() == 2 * (len(answer) + 1)  # the answer and eos, per row
+    # a record with nothing to learn is dropped, counted and reported
+    empty = kd_record(completion="", finish_reason="length", completion_ids=[])
+    split = load(tmp_path, tokenizer, [empty, kd_record()])
+    assert split.dropped == 1 and len(split.examples) == 1
+    assert "dropped 1 records" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no record has a loss token"):
+        load(tmp_path, tokenizer, [empty])
 
 
 def fingerprint(batch):

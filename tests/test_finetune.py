@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from export import cli, probe
-from mlx_student import checkpoint, finetune, train
+from mlx_student import checkpoint, finetune, prune, train
 from mlx_student import model as student_model
 from mlx_student.config import ConfigError, StudentConfig, load_config
 from mlx_student.data import load_dataset
@@ -127,13 +127,13 @@ def test_student_cut_from_a_larger_base_keeps_its_layers_heads_and_tokenizer(tea
     (tmp_path / "cut.yaml").write_text(
         "model:\n  role: test\n  num_hidden_layers: 3\n  hidden_size: 512\n  intermediate_size: 1024\n"
         "  num_attention_heads: 4\n  num_key_value_heads: 2\n  contexts: [128]\n  prefill_lengths: [16]\n")
-    values = finetune.base_config(teacher_dir)
+    values = prune.base_config(teacher_dir)
     config = load_config(tmp_path / "cut.yaml", values)
     assert config.tokenizer == str(teacher_dir) and config.vocab_size == 49152
     args = SimpleNamespace(init_from=str(teacher_dir), fine_tune_type="full", seed=0)
     model = finetune.build_student(config, args)
     base, _ = mlx_lm.load(str(teacher_dir))
-    layers = finetune.keep_layers(30, 3)
+    layers = prune.keep_layers(30, 3)
     assert layers == [0, 14, 29]
     for mine, theirs in zip(model.model.layers, (base.model.layers[i] for i in layers)):
         q = np.array(theirs.self_attn.q_proj.weight)
@@ -162,7 +162,7 @@ def test_bad_settings_name_the_setting(tmp_path, teacher_dir):
             finetune.check_settings(args, config)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     with pytest.raises(ConfigError, match="only llama"):
-        finetune.base_config(tmp_path)
-    big = StudentConfig(**{**finetune.base_config(teacher_dir), "num_hidden_layers": 40})
+        prune.base_config(tmp_path)
+    big = StudentConfig(**{**prune.base_config(teacher_dir), "num_hidden_layers": 40})
     with pytest.raises(ConfigError, match="more than the base's 30"):
         finetune.build_student(big, SimpleNamespace(init_from=str(teacher_dir), fine_tune_type="full", seed=0))

@@ -15,7 +15,7 @@ from conftest import save_tiny
 
 from export import cli
 from export.mirror import read_checkpoint
-from mlx_student import finetune, hf_config
+from mlx_student import hf_config, prune
 from mlx_student import model as student_model
 from mlx_student.config import ConfigError
 
@@ -60,7 +60,7 @@ def test_transformers5_rope_parameters_give_their_own_theta_everywhere(tmp_path,
     assert "rope_theta" not in raw and raw["rope_parameters"]["rope_theta"] == 500000.0
     assert raw["tie_word_embeddings"] is False
     assert hf_config.read_config(folder)["rope_theta"] == 500000.0
-    assert finetune.base_config(folder)["rope_theta"] == 500000.0  # init_from
+    assert prune.base_config(folder)["rope_theta"] == 500000.0  # init_from
     assert read_checkpoint(folder)[0].rope_theta == 500000.0  # the exporter's mirror
     model, _ = hf_config.load(folder)
     assert model.args.rope_theta == 500000.0 and not model.args.tie_word_embeddings
@@ -84,7 +84,7 @@ def test_rope_kinds_the_student_does_not_compute_are_refused(tmp_path, tokenizer
         hf_config.read_config(folder)
     edit_config(folder, rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0})
     with pytest.raises(ConfigError, match=r"config.json: rope_scaling\.type: 'dynamic'"):
-        finetune.base_config(folder)
+        prune.base_config(folder)
     edit_config(folder, rope_scaling=None, rope_theta=1e4,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     with pytest.raises(ConfigError, match=r"rope_theta 10000.0 and rope_parameters.rope_theta "
@@ -107,7 +107,7 @@ def test_rope_scaling_from_either_key_is_read_as_one_normalized_mapping(tmp_path
     edit_config(folder, rope_parameters=None, rope_theta=1e4,
                 rope_scaling={"type": "linear", "factor": 2.0})
     assert hf_config.read_config(folder)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
-    assert finetune.base_config(folder)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert prune.base_config(folder)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
 def test_untied_config_without_lm_head_is_refused_by_export(tmp_path, tokenizer, capsys):
@@ -169,7 +169,7 @@ def test_quantization_config_only_reads_as_mlx_lm_wrote_it(tmp_path, tokenizer):
     edit_config(q, quantization_config={"quant_method": "hqq", "nbits": 4})
     with pytest.raises(ConfigError, match=r"config.json: quantization_config.quant_method: 'hqq' "
                                           "is not a format mlx-lm loads"):
-        finetune.base_config(q)
+        prune.base_config(q)
     edit_config(q, quantization_config={"weights": "int4"})
     with pytest.raises(ConfigError, match=r"quantization_config: no quant_method and no bits"):
         hf_config.load(q)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from pilot import run as pilot
+from pilot.report import _f
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ pilot:
   teacher: {teacher_dir.resolve()}
   kd_mix: {{config: {ROOT / 'configs/kd_mix.yaml'}}}
   export: {{config: {ROOT / 'configs/export.yaml'}}}
-  eval: {{heldout_fallback: {ROOT / 'data/stdlib/test.jsonl'}}}
+  prune: {{calibration: {ROOT / 'data/stdlib/train.jsonl'}, heldout: {ROOT / 'data/stdlib/valid.jsonl'}}}
+  eval: {{heldout_fallback: {ROOT / 'data/stdlib/test.jsonl'},
+          next_line: {{file: {ROOT / 'data/stdlib/test.jsonl'}}}}}
   quick:
     export: {{contexts: [128], prefill_lengths: [16]}}
 """)
@@ -48,18 +51,28 @@ def test_report_numbers_come_from_the_stage_outputs(quick_run):
     work, _, run = quick_run
     md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
     ev = json.loads((run / "eval.json").read_text())
-    for who in ("kd", "control"):
-        row = ev["models"][who]
-        for key in ("top1_agree", "kl_topk", "ce", "ppl"):
-            assert math.isfinite(row["kd_test"][key]), (who, key)
-        assert math.isfinite(row["heldout"]["ppl"]) and row["heldout"]["ppl"] > 1
-        assert f"{100 * row['kd_test']['top1_agree']:.1f} %" in md
-        assert format(row["kd_test"]["kl_topk"], ".4g") in md
-    assert math.isfinite(ev["models"]["teacher"]["heldout"]["ppl"])
-    assert f"{ev['kd_minus_control_top1_points']:+.2f} points" in md
-    # every students' metrics and the KD data are the run's own
-    metrics = [json.loads(x) for x in (run / "kd" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 12 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert set(ev["models"]) == {"pruned", *pilot.ARMS, "teacher"}
+    for who, row in ev["models"].items():
+        for key in ("kl", "ce", "top1_agree", "next_line"):
+            lo, hi = row[key]["ci95"]
+            assert math.isfinite(row[key]["value"]) and lo <= hi, (who, key)
+        assert f"{_f(row['kl']['value'])} [{_f(row['kl']['ci95'][0])}" in md
+        assert f"{_f(row['ce']['value'])} [{_f(row['ce']['ci95'][0])}" in md
+    teacher = ev["models"]["teacher"]
+    assert teacher["kl"]["value"] == 0 and teacher["top1_agree"]["value"] == 1
+    assert ev["best"] in pilot.ARMS and ev["best"] != "control"
+    # every arm starts from the pruned init the prune report chose, and trains 12 steps
+    prune = json.loads((run / "pruned" / "prune_report.json").read_text())
+    chosen = next(c for c in prune["candidates"] if c["chosen"])
+    assert chosen["kl"] == min(c["kl"] for c in prune["candidates"])
+    assert f"| {chosen['name']}" in md and _f(chosen["kl"]) in md
+    for arm in pilot.ARMS:
+        metrics = [json.loads(x) for x in (run / arm / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 12 and all(math.isfinite(m["loss"]) for m in metrics)
+        state = json.loads((run / f"{arm}.trainer" / "state.json").read_text())["settings"]
+        assert state["init_from"] == str(pilot.Path("runs/t_quick/pruned"))
+        assert state["loss"] == pilot.PILOT_DEFAULTS["arms"][arm] and state["seed"] == 0
+        assert bool(state["teacher"]) == (arm == "dense_kd")
     kd = next((work / "data").glob("kd_t_quick-*"))
     manifest = json.loads((kd / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["records_with_topk"] == manifest["records"]
@@ -77,18 +90,27 @@ def test_report_numbers_come_from_the_stage_outputs(quick_run):
     assert page.count("data:image/png;base64,iVBORw0KGgo") == len(images)
 
 
+def ev_best(run):
+    return json.loads((run / "eval.json").read_text())["best"]
+
+
 def test_gates_reflect_the_probes_real_exit(quick_run):
     work, _, run = quick_run
     gates = json.loads((run / "report_files" / "gates.json").read_text())
     pkg = run / "export" / "fp16"
     recorded = json.loads((run / "probe" / "fp16" / "exit.json").read_text())["exit"]
     real = subprocess.run(
-        [sys.executable, "-m", "export.probe", "--model", str(run / "kd"), "--package",
+        [sys.executable, "-m", "export.probe", "--model", str(run / ev_best(run)), "--package",
          str(pkg / "model.mlpackage"), "--out", str(work / "reprobe"), "--windows", "1",
          "--decode-steps", "4"], cwd=ROOT, capture_output=True, text=True)
     assert real.returncode == recorded, real.stderr
     row = next(g for g in gates if g[0] == "probe exit (fp16)")
     assert row[1] == f"exit {recorded}" and row[2] == ("pass" if recorded == 0 else "FAIL")
+    ev = json.loads((run / "eval.json").read_text())
+    for key, label in (("kd_beats_control_kl", "held-out KL"), ("kd_beats_control_ce", "held-out CE"),
+                       ("gap_closed_ok", "CE gap")):
+        row = next(g for g in gates if label in g[0])
+        assert row[2] == ("pass" if ev["gates"][key] else "FAIL")
     tc = json.loads((run / "tool_calls.json").read_text())
     row = next(g for g in gates if g[0].startswith("constrained tool calls"))
     assert row[1] == f"{tc['valid']}/{tc['n']}" and tc["n"] == 4

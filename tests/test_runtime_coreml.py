@@ -4,7 +4,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
 
 from runtime.coreml_engine import CoreMLEngine

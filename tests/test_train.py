@@ -4,7 +4,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest

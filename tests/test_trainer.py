@@ -162,6 +162,11 @@ def test_evaluation_of_the_teacher_against_itself(teacher_dir, kd_data):
     assert out["topk_kd"] == pytest.approx(0.0, abs=1e-4)
     assert out["ppl"] == pytest.approx(np.exp(out["ce"]))
     assert out["ce"] < 1.0  # its own greedy text is likely under it
+    # a split smaller than one batch (a small valid split) is evaluated whole, not refused
+    whole = evaluate(model, examples, TrainingArgs(batch_size=8, max_seq_length=64,
+                                                   loss={"ce": 1.0, "topk_kd": 1.0}))
+    for key, value in out.items():
+        assert whole[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_gradient_checkpointing_and_bf16_compute(tmp_path, text_data):

@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from mlx_student import checkpoint, finetune
+from mlx_student import checkpoint, finetune, prune
 from mlx_student.config import ConfigError, load_config, load_yaml
 from mlx_student.files import atomic_dir, recover
 from mlx_student.teacher import default as default_teacher
@@ -228,7 +228,7 @@ def load_state(out, judge, optimizer, config) -> int:
 
 
 def run(args) -> list:
-    base = finetune.base_config(args.init_from) if args.init_from else None
+    base = prune.base_config(args.init_from) if args.init_from else None
     config = load_config(args.config, base)
     if config.tokenizer is None:
         raise ConfigError(f"{args.config}: model.tokenizer: a tokenizer folder is needed to train")
