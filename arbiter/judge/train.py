@@ -87,6 +87,7 @@ def loss_flag(text):
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="mlx_student.judge_train",
         description="Train a pairwise judge (llama backbone + score and CAWS clause heads) on "
         "pair rows. Flags override the config file's `judge:` settings, which override the "
         "defaults.", epilog=f"defaults: {json.dumps(CONFIG_DEFAULTS)}")
