@@ -151,6 +151,12 @@ def tokenize_rows(rows, tokenizer, spec) -> list:
     return out
 
 
+def count_cut(rows, tokenizer, spec) -> int:
+    """Candidates whose (prompt, candidate) input is longer than `spec.max_length` tokens."""
+    return sum(len(judge_model.encode(tokenizer, r["prompt"], r[s]["text"], 10**9, spec.separator))
+               > spec.max_length for r in rows for s in "ab")
+
+
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list:
     """Rows of step `step` (1-based): epochs of a seeded permutation, a function of
     (seed, step) alone (what makes a resume exact)."""
@@ -260,6 +266,11 @@ def run(args) -> list:
     n_params = sum(v.size for _, v in tree_flatten(judge.parameters()))
     print(f"judge: {n_params:,} parameters; {len(examples)} train pairs from {args.data}"
           + (f"; resuming at step {start}" if start else ""), flush=True)
+    cut = count_cut(train_rows, tokenizer, spec)
+    if cut:
+        print(f"{cut} of {2 * len(train_rows)} train candidates are longer than --max-length "
+              f"{spec.max_length} and are cut (the prompt loses its start, the candidate its end)",
+              flush=True)
 
     loss_fn, names = make_loss(args.loss)
     value_and_grad = nn.value_and_grad(judge, loss_fn)
