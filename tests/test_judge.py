@@ -203,3 +203,10 @@ def test_teacher_preference_is_both_orders_averaged(teacher_dir):
         ref = 1 / (1 + np.exp(-(last[a_id] - last[b_id]).item()))
         assert ab[i] == pytest.approx(ref, abs=1e-4)  # fp32 logits of O(10): batch order only
     assert ((0 < both) & (both < 1)).all()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "serve"])
+def test_help_names_the_console_script(command):
+    import importlib
+    parser = importlib.import_module(f"arbiter.judge.{command}").build_parser()
+    assert parser.format_usage().startswith(f"usage: mlx_student.judge_{command} ")

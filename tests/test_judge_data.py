@@ -217,3 +217,15 @@ def test_cli_errors_name_the_problem(tmp_path):
                            check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_token_lengths_are_what_the_judge_reads(pairs, tokenizer):
+    """The manifest's lengths and --max-tokens count the judge's own input (prompt, separator +
+    candidate, eos), so a row kept at --max-tokens N is read whole by a judge of max_length N."""
+    from arbiter.judge.model import encode
+
+    rows = [r for rs in rows_of(pairs / "one").values() for r in rs]
+    lengths = [max(len(encode(tokenizer, r["prompt"], r[s]["text"], 10**6)) for s in "ab") for r in rows]
+    m = json.loads((pairs / "one" / "manifest.json").read_text())["tokens"]["prompt_plus_longer_candidate"]
+    assert (m["min"], m["max"]) == (min(lengths), max(lengths))
+    assert sum(lengths) / len(lengths) == pytest.approx(m["mean"], abs=0.05)

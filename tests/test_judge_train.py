@@ -141,3 +141,21 @@ def test_cli_refuses_a_malformed_row_and_an_unknown_setting(tmp_path, pairs):
                         "--data", str(bad)], capture_output=True, text=True, timeout=300)
     line = cfg.read_text().splitlines().index("  lerning_rate: 1") + 1
     assert r.returncode == 2 and f"{cfg}:{line}: judge.lerning_rate: unknown judge setting" in r.stderr
+
+
+def test_run_says_how_many_candidates_max_length_cuts(tmp_path, tokenizer, capsys):
+    data = write_folder(tmp_path / "pairs", n_train=6, n_valid=0, n_test=0)
+    (data / "valid.jsonl").unlink()
+    from arbiter.judge.model import encode
+    from arbiter.judge.pairs import read_split
+
+    rows = read_split(data, "train")
+    full = [len(encode(tokenizer, r["prompt"], r[s]["text"], 10**9)) for r in rows for s in "ab"]
+    limit = sorted(full)[len(full) // 2]  # about half are cut
+    args = ["--config", str(config_file(tmp_path)), "--data", str(data), "--out", str(tmp_path / "j"),
+            "--iters", "1", "--batch-size", "2", "--max-length", str(limit)]
+    judge_train.run(judge_train.parse_args(args))
+    cut = sum(n > limit for n in full)
+    assert 0 < cut < len(full)
+    assert (f"{cut} of {len(full)} train candidates are longer than --max-length {limit} and are cut"
+            in capsys.readouterr().out)

@@ -18,8 +18,8 @@ Output: `<out>/{train,valid,test}.jsonl` (schema `judge_pair`), `<out>/trl_<spli
 (TRL preference columns prompt / chosen / rejected / margin; ties left out) and
 `<out>/manifest.json` (counts, token-length distribution under `--tokenizer`, inputs), written
 together atomically. A row's split follows from the sha256 of its prompt alone, so a prompt is
-never in two splits. The same inputs give byte-identical files. Rows whose prompt plus longer
-candidate exceed `--max-tokens` are dropped and counted.
+never in two splits. The same inputs give byte-identical files. Rows whose longer candidate, as
+the judge reads it (`judge_tokens`), exceeds `--max-tokens` are dropped and counted.
 """
 
 import argparse
@@ -42,6 +42,7 @@ from mlx_student.teacher.prompts import split_of
 from ..caws import CLAUSES
 from ..schemas import SchemaError, validate
 from . import edits, scenarios
+from .model import SEPARATOR
 
 SPLITS = ("train", "valid", "test")
 KD_KINDS = ("truncated", "numbers_perturbed", "negated", "swapped")
@@ -53,6 +54,13 @@ CONFIG_DEFAULTS = {
     "tokenizer": str(DEFAULT_TEACHER_DIR), "max_tokens": 512,
 }
 NEGATABLE = re.compile(r"\b(is|are|was|were|can|will|does|do|should|must|has|have)\b( not\b)?")
+
+
+def judge_tokens(tok: Tokenizer, prompt: str, candidate: str) -> int:
+    """Tokens the judge reads for one candidate before any cut (`arbiter.judge.model.encode`):
+    the prompt, the separator + candidate, and eos."""
+    return (len(tok.encode(prompt, add_special_tokens=False).ids)
+            + len(tok.encode(SEPARATOR + candidate, add_special_tokens=False).ids) + 1)
 
 
 class DataError(ValueError):
@@ -87,7 +95,8 @@ def build_parser():
     add("--test-fraction", "share of prompts in test.jsonl (by prompt hash)", type=float)
     add("--tokenizer", "folder with tokenizer.json whose token counts the manifest reports "
         "and --max-tokens applies; '' for none")
-    add("--max-tokens", "drop rows whose prompt + longer candidate exceed this many tokens", type=int)
+    add("--max-tokens", "drop rows whose longer candidate, as the judge reads it (prompt + "
+        "separator + candidate + eos), exceeds this many tokens: the judge's max_length", type=int)
     return p
 
 
@@ -246,7 +255,7 @@ def run(args) -> dict:
             continue
         seen.add(row["id"])
         if tok is not None:
-            n = max(len(tok.encode(row["prompt"] + "\n\n" + row[s]["text"]).ids) for s in "ab")
+            n = max(judge_tokens(tok, row["prompt"], row[s]["text"]) for s in "ab")
             if n > args.max_tokens:
                 dropped += 1
                 continue

@@ -265,8 +265,10 @@ def markdown(report: dict) -> str:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a pairwise judge against baselines "
-                                "(random, longer-wins, a zero-shot teacher) on pair rows.")
+    p = argparse.ArgumentParser(
+        prog="mlx_student.judge_eval",
+        description="Evaluate a pairwise judge against baselines "
+        "(random, longer-wins, a zero-shot teacher) on pair rows.")
     p.add_argument("--judge", required=True, help="judge checkpoint folder (mlx_student.judge_train)")
     p.add_argument("--data", required=True, help="pair folder (test.jsonl, valid.jsonl, ...)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")

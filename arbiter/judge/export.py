@@ -183,8 +183,10 @@ def default_texts() -> list:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Export a judge checkpoint to one CoreML package "
-                                "(a score function per length), verified on the MIL executor.")
+    p = argparse.ArgumentParser(
+        prog="mlx_student.judge_export",
+        description="Export a judge checkpoint to one CoreML package "
+        "(a score function per length), verified on the MIL executor.")
     p.add_argument("--judge", required=True, help="judge checkpoint folder")
     p.add_argument("--out", help="output folder (default artifacts/<judge name>)")
     p.add_argument("--lengths", type=int, nargs="+", help="enumerated input lengths (default: the "

@@ -193,8 +193,10 @@ class JudgeHandler(Handler):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Serve a pairwise judge: GET /health, POST "
-                                "/v1/judge/score, POST /v1/judge/compare (loopback by default).")
+    p = argparse.ArgumentParser(
+        prog="mlx_student.judge_serve",
+        description="Serve a pairwise judge: GET /health, POST "
+        "/v1/judge/score, POST /v1/judge/compare (loopback by default).")
     p.add_argument("--judge", required=True, help="judge checkpoint folder (mlx_student.judge_train)")
     p.add_argument("--host", default=DEFAULTS["host"], help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=DEFAULTS["port"])

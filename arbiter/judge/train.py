@@ -87,6 +87,7 @@ def loss_flag(text):
 
 def build_parser():
     p = argparse.ArgumentParser(
+        prog="mlx_student.judge_train",
         description="Train a pairwise judge (llama backbone + score and CAWS clause heads) on "
         "pair rows. Flags override the config file's `judge:` settings, which override the "
         "defaults.", epilog=f"defaults: {json.dumps(CONFIG_DEFAULTS)}")
@@ -148,6 +149,12 @@ def tokenize_rows(rows, tokenizer, spec) -> list:
         out.append((enc(r["a"]["text"]), enc(r["b"]["text"]), TARGET[r["winner"]], margin,
                     clause_vector(r["a"]), clause_vector(r["b"])))
     return out
+
+
+def count_cut(rows, tokenizer, spec) -> int:
+    """Candidates whose (prompt, candidate) input is longer than `spec.max_length` tokens."""
+    return sum(len(judge_model.encode(tokenizer, r["prompt"], r[s]["text"], 10**9, spec.separator))
+               > spec.max_length for r in rows for s in "ab")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list:
@@ -259,6 +266,11 @@ def run(args) -> list:
     n_params = sum(v.size for _, v in tree_flatten(judge.parameters()))
     print(f"judge: {n_params:,} parameters; {len(examples)} train pairs from {args.data}"
           + (f"; resuming at step {start}" if start else ""), flush=True)
+    cut = count_cut(train_rows, tokenizer, spec)
+    if cut:
+        print(f"{cut} of {2 * len(train_rows)} train candidates are longer than --max-length "
+              f"{spec.max_length} and are cut (the prompt loses its start, the candidate its end)",
+              flush=True)
 
     loss_fn, names = make_loss(args.loss)
     value_and_grad = nn.value_and_grad(judge, loss_fn)
