@@ -131,18 +131,18 @@ def test_rerun_skips_every_stage(quick_run, capsys):
 
 
 def test_bad_stage_settings_stop_the_pilot_before_its_first_stage(tmp_path, monkeypatch, capsys):
-    """Both students' train settings and the kd_mix settings are checked up front: a mistake in
+    """Every arm's train settings and the kd_mix settings are checked up front: a mistake in
     the pilot: block ends at load with exit 2, naming the setting, before any stage runs."""
     config = tmp_path / "bad.yaml"
     config.write_text((ROOT / "configs/tiny.yaml").read_text().replace(
         "models/smollm2", str(ROOT / "models/smollm2"))
-        + "pilot:\n  name: bad\n  train:\n    iters: -3\n  kd_loss: {jsd: 1.0}\n")
+        + "pilot:\n  name: bad\n  train:\n    iters: -3\n  arms: {control: {ce: 1.0}, "
+          "topk_kd: {topk_kd: 1.0, nope: 1.0}}\n")
     monkeypatch.chdir(ROOT)  # the pilot's relative paths (configs/kd_mix.yaml, runs/)
     with pytest.raises(SystemExit) as e:
         pilot.main(["--config", str(config)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert f"{config}: the kd student's mlx_student.train settings" in err
+    assert f"{config}: the control arm's mlx_student.train settings" in err
     assert "--iters: must be an integer >= 1, got -3" in err
-    assert "--loss: jsd distil a teacher's full logits" in err
     assert not (ROOT / "runs" / "bad").exists()

@@ -90,7 +90,7 @@ def test_mirror_refuses_unsupported_kinds_naming_the_file(tmp_path, tokenizer):
     from conftest import save_tiny
 
     from export.mirror import read_checkpoint
-    from mlx_student.finetune import base_config
+    from mlx_student.prune import base_config
 
     folder = save_tiny(tmp_path / "s", tokenizer)
     raw = json.loads((folder / "config.json").read_text())
