@@ -7,58 +7,24 @@ One row per line (written by mlx_student.judge_data):
      "winner": "a" | "b" | "tie", "margin": float >= 0 (optional),
      "source": "generated" | "kd_corruption" | "imported"}
 
-The shape is PAIR_SCHEMA (JSON Schema 2020-12), checked with `jsonschema`; an error reads
+The shape is the shipped schema `arbiter/schemas/judge_pair.json` (the one judge_data writes
+against), checked with `arbiter.schemas.errors_of`; an error reads
 `data/pairs/train.jsonl:12: $.a.clauses: 'GATE_INTEGRITY' is a required property (rule: required)`.
 """
 
 import json
 from pathlib import Path
 
-import jsonschema
-
+from ..schemas import errors_of
 from .model import CLAUSES
 
 SPLITS = ("train", "valid", "test")
 WINNERS = ("a", "b", "tie")
 TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}  # P(a > b) of each label
 
-_CANDIDATE = {
-    "type": "object",
-    "required": ["text", "clauses"],
-    "properties": {
-        "text": {"type": "string"},
-        "clauses": {"type": "object", "required": list(CLAUSES), "additionalProperties": False,
-                    "properties": {c: {"enum": [0, 1]} for c in CLAUSES}},
-    },
-}
-PAIR_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "judge pair row",
-    "type": "object",
-    "required": ["id", "scenario", "prompt", "a", "b", "winner", "source"],
-    "properties": {
-        "id": {"type": "string", "minLength": 1},
-        "scenario": {"type": "string"},
-        "prompt": {"type": "string"},
-        "a": _CANDIDATE,
-        "b": _CANDIDATE,
-        "winner": {"enum": list(WINNERS)},
-        "margin": {"type": "number", "minimum": 0},
-        "source": {"enum": ["generated", "kd_corruption", "imported"]},
-    },
-}
-_VALIDATOR = jsonschema.Draft202012Validator(PAIR_SCHEMA)
-
 
 class PairError(ValueError):
     """A pair file that cannot be read or holds a malformed row (file:line: field: problem)."""
-
-
-def row_errors(row) -> list:
-    """'$.path: message (rule: keyword)' for every violation of PAIR_SCHEMA, sorted."""
-    errs = sorted(_VALIDATOR.iter_errors(row), key=lambda e: (list(map(str, e.absolute_path)),
-                                                              str(e.validator)))
-    return [f"{e.json_path}: {e.message} (rule: {e.validator})" for e in errs]
 
 
 def read_pairs(path) -> list:
@@ -76,7 +42,7 @@ def read_pairs(path) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise PairError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
-        errors = row_errors(row)
+        errors = errors_of(row, "judge_pair")
         if errors:
             raise PairError("\n".join(f"{path}:{n}: {e}" for e in errors))
         if row["id"] in seen:
