@@ -137,7 +137,8 @@ class Handler(BaseHTTPRequestHandler):
         headers = [("WWW-Authenticate", "Bearer")] if e.status == 401 else []
         if getattr(e, "retry_after", None):
             headers.append(("Retry-After", str(e.retry_after)))
-        if e.status in (408, 411, 413):
+        if e.status in (408, 411, 413) or (self.command == "POST" and not self.body_read):
+            # a refused body left unread would be parsed as the next request: close instead
             headers.append(("Connection", "close"))
             self.close_connection = True
         self._json(e.status, _error_body(e), headers)
@@ -164,7 +165,7 @@ class Handler(BaseHTTPRequestHandler):
     def _guarded(self, work):
         """Run `work`, answering every failure: RequestError as itself, anything else as a 500
         (or, once a stream has begun, an SSE error event); the traceback goes to stderr."""
-        self.sent_headers = False
+        self.sent_headers = self.body_read = False
         try:
             work()
         except RequestError as e:
@@ -212,7 +213,9 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(413, f"request body over {self.server.cfg['max_request_bytes']} bytes",
                                code="request_too_large")
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            raw = self.rfile.read(int(length))
+            self.body_read = True
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"invalid JSON: {e}")
         chat = self.path in CHAT_ROUTES

@@ -136,6 +136,9 @@ def test_bad_requests(client, base_url):
     # authentication
     assert error(httpx.post(base_url + url, json=chat(max_tokens=2)), 401)["type"] == "authentication_error"
     error(httpx.post(base_url + url, json=chat(max_tokens=2), headers={"Authorization": "Bearer wrong"}), 401)
+    with httpx.Client(base_url=base_url) as keep_alive:  # the refused body is not read as a request
+        for _ in range(2):
+            error(keep_alive.post(url, json=chat(max_tokens=2)), 401)
     assert client.get("/health").json() == {"status": "ok"}
 
 
