@@ -199,13 +199,10 @@ class Handler(BaseHTTPRequestHandler):
                 {"id": self.server.model_name, "object": "model", "owned_by": "mlx-student"}]})
         raise RequestError(404, f"no route {self.path}", kind="not_found_error")
 
-    def do_POST(self):
-        self._guarded(self._post)
-
-    def _post(self):
-        self._authorize()
-        if self.path not in CHAT_ROUTES + COMPLETION_ROUTES:
-            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+    def _read_body(self) -> dict:
+        """The request body as a JSON object. Raises RequestError: 411 without a
+        Content-Length, 413 over cfg["max_request_bytes"] (left unread: the connection closes),
+        400 for invalid JSON or a body that is not an object."""
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError(411, "Content-Length required")
@@ -218,6 +215,18 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"invalid JSON: {e}")
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    def do_POST(self):
+        self._guarded(self._post)
+
+    def _post(self):
+        self._authorize()
+        if self.path not in CHAT_ROUTES + COMPLETION_ROUTES:
+            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+        body = self._read_body()
         chat = self.path in CHAT_ROUTES
         request = (parse_chat if chat else parse_completion)(body, self.server.cfg, self.server.n_vocab)
         engine = self.server.engine

@@ -25,7 +25,6 @@ Scoring is serialized (MLX state is not shared across threads).
 """
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -86,56 +85,30 @@ class JudgeHandler(Handler):
         self.timeout = self.server.cfg["time_limit"]  # socket timeout: a stalled client is cut
         super().setup()
 
-    def _error(self, e: RequestError):
-        """As runtime.server's, and the connection is closed whenever a request body was left
-        unread (it would be parsed as the next request)."""
-        headers = [("WWW-Authenticate", "Bearer")] if e.status == 401 else []
-        if e.status in (411, 413) or (self.command == "POST" and not self._consumed):
-            headers.append(("Connection", "close"))
-            self.close_connection = True
-        self._json(e.status, {"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                        "code": e.code}}, headers)
-
     def do_GET(self):
-        try:
-            self._authorize()
-            if self.path != "/health":
-                raise RequestError(404, f"no route {self.path}", kind="not_found_error")
-            spec = self.server.judge.spec
-            self._json(200, {"status": "ok", "model": self.server.model_name,
-                             "clauses": list(spec.clauses), "max_length": spec.max_length})
-        except RequestError as e:
-            self._error(e)
+        self._guarded(self._health)
+
+    def _health(self):
+        self._authorize()
+        if self.path != "/health":
+            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+        spec = self.server.judge.spec
+        self._json(200, {"status": "ok", "model": self.server.model_name,
+                         "clauses": list(spec.clauses), "max_length": spec.max_length})
 
     def do_POST(self):
-        self._consumed = False
-        try:
-            self._authorize()
-            route = {"/v1/judge/score": self._score, "/v1/judge/compare": self._compare}.get(self.path)
-            if route is None:
-                raise RequestError(404, f"no route {self.path}", kind="not_found_error")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise RequestError(411, "Content-Length required")
-            if int(length) > self.server.cfg["max_request_bytes"]:
-                raise RequestError(413, f"request body over {self.server.cfg['max_request_bytes']} "
-                                   "bytes", code="request_too_large")
-            try:
-                raw = self.rfile.read(int(length))
-                self._consumed = True
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"invalid JSON: {e}")
-            if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
-            tic = time.perf_counter()
-            out = route(body)
-            out["latency_ms"] = round((time.perf_counter() - tic) * 1e3, 3)
-            self._json(200, out)
-        except RequestError as e:
-            self._error(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
+        self._guarded(self._route)
+
+    def _route(self):
+        self._authorize()
+        route = {"/v1/judge/score": self._score, "/v1/judge/compare": self._compare}.get(self.path)
+        if route is None:
+            raise RequestError(404, f"no route {self.path}", kind="not_found_error")
+        body = self._read_body()
+        tic = time.perf_counter()
+        out = route(body)
+        out["latency_ms"] = round((time.perf_counter() - tic) * 1e3, 3)
+        self._json(200, out)
 
     # --- the two routes ------------------------------------------------------------------
     def _encode(self, prompt, text):
