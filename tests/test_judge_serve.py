@@ -1,6 +1,9 @@
 """The judge service over a real loopback socket (httpx client): health, score, compare,
 text and pre-tokenized inputs, and the 400 / 401 / 404 / 413 answers."""
 
+import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -114,3 +117,15 @@ def test_auth_401(base_url):
 def test_body_over_the_limit_413(client):
     r = client.post("/v1/judge/score", json={"prompt": "q", "candidate": "x" * 5000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_port_in_use_is_a_clear_error(judge, tokenizer, tmp_path):
+    folder = judge_model.save(tmp_path / "judge", judge, tiny_judge(seed=2)[1], tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "arbiter.judge.serve", "--judge", str(folder),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in r.stderr

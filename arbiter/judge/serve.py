@@ -193,8 +193,11 @@ def main(argv=None):
     except judge_model.JudgeError as e:
         raise SystemExit(f"error: {e}")
     cfg = {k: getattr(args, k) for k in DEFAULTS}
-    server = JudgeServer(judge, tokenizer, cfg, api_key=os.environ.get(args.api_key_env) or None,
-                         model_name=os.path.basename(os.path.normpath(args.judge)))
+    try:
+        server = JudgeServer(judge, tokenizer, cfg, api_key=os.environ.get(args.api_key_env) or None,
+                             model_name=os.path.basename(os.path.normpath(args.judge)))
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     host, port = server.server_address[:2]
     print(f"judge {args.judge} on http://{host}:{port}/v1/judge/{{score,compare}} "
           f"(auth {'on' if server.api_key else 'off'})", flush=True)
