@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written result: build in a temp sibling, then rename."""
+"""Writes that never leave a half-written result: build in a temp sibling, then rename; and
+never replace a folder this project did not write."""
 
 import contextlib
 import json
@@ -6,6 +7,42 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+MARKER = ".mlx_student"  # in every folder atomic_dir writes: a later run may replace the folder
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """An output path that holds something no mlx-student command wrote (replacing it would
+    delete the user's files)."""
+
+
+def check_replaceable(path):
+    """Raise OutputExistsError unless `path` is absent, an empty folder, or a folder an
+    mlx-student command wrote (it holds MARKER): a file, the current folder or one above it,
+    and a folder of other files are refused, naming the path and a few of its entries."""
+    path = Path(path)
+    if not path.exists():
+        return
+    here = Path.cwd().resolve()
+    if path.resolve() in (here, *here.parents):
+        raise OutputExistsError(f"{path}: is the current folder or holds it; give the output a folder of its own")
+    if not path.is_dir():
+        raise OutputExistsError(f"{path}: exists and is a file, not an output folder; choose another path")
+    entries = sorted(p.name for p in path.iterdir())
+    if entries and MARKER not in entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputExistsError(f"{path}: exists and holds files no mlx-student command wrote ({shown}); "
+                                "the output would replace them: choose another path or remove it")
+
+
+def claim_dir(path) -> Path:
+    """Make `path` an output folder that later writes may fill and replace (check_replaceable,
+    then mkdir and MARKER); returns it."""
+    path = Path(path)
+    check_replaceable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+    return path
 
 
 def recover(path):
@@ -28,15 +65,19 @@ def atomic_dir(path):
 
     On an exception the temp folder is removed and `path` is left as it was. After a kill,
     `path` is the old or the new folder, or (killed between the two renames) the old one
-    moved aside, which `recover` (run here and by readers that resume) puts back.
+    moved aside, which `recover` (run here and by readers that resume) puts back. Raises
+    OutputExistsError (before anything is written) when `path` is something this project
+    did not write (check_replaceable); the result holds MARKER.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
+    check_replaceable(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
     try:
         yield tmp
+        (tmp / MARKER).touch()
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             path.rename(old / path.name)

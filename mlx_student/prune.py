@@ -552,7 +552,7 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -37,6 +37,7 @@ from . import checkpoint, finetune, hf_config, prune, run_settings
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
+from .files import claim_dir
 from .losses import LOSSES, TAILS
 from .onpolicy import on_policy_settings
 from .quant import qat_settings
@@ -246,7 +247,7 @@ def run(args):
     if args.resume:
         start = checkpoint.load(out, model, optimizer, config)["step"]
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_dir(out)
         kept = metrics.read_text().splitlines() if start and metrics.exists() else []
         kept = [line for line in kept if json.loads(line)["step"] <= start]
         metrics.write_text("".join(line + "\n" for line in kept))
@@ -289,7 +290,7 @@ def run(args):
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

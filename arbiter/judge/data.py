@@ -292,7 +292,7 @@ def run(args) -> dict:
 def main(argv=None):
     try:
         m = run(build_parser().parse_args(argv))
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({"rows": m["rows"], "source": m["source"], "tokens": m["tokens"]}))

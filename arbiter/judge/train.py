@@ -314,7 +314,7 @@ def run(args) -> list:
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ConfigError, PairError, judge_model.JudgeError, FileNotFoundError) as e:
+    except (ConfigError, PairError, judge_model.JudgeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
