@@ -94,13 +94,19 @@ def nll_per_chunk(model, tokenizer, chunks, batch=8):
     return np.array(out)
 
 
-def bits_per_byte(nll, nbytes, resamples=2000, seed=0):
-    """Bits per byte over all chunks and a bootstrap 95 % interval (chunks resampled)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(nll), (resamples, len(nll)))
-    boot = nll[idx].sum(1) / nbytes[idx].sum(1) / math.log(2)
-    return {"bpb": float(nll.sum() / nbytes.sum() / math.log(2)),
-            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
+def bits_per_byte(nll, nbytes, control=None, resamples=2000, seed=0):
+    """Bits per byte over all chunks with a bootstrap 95 % interval (chunks resampled), and
+    with `control` (the control arm's NLL per chunk) the paired difference and its interval."""
+    idx = np.random.default_rng(seed).integers(0, len(nll), (resamples, len(nll)))
+
+    def bpb(x, i=slice(None)):
+        return x[i].sum(-1) / nbytes[i].sum(-1) / math.log(2)
+
+    out = {"bpb": float(bpb(nll)), "ci95": np.percentile(bpb(nll, idx), [2.5, 97.5]).tolist()}
+    if control is not None:
+        out["minus_ce"] = float(bpb(nll) - bpb(control))
+        out["minus_ce_ci95"] = np.percentile(bpb(nll, idx) - bpb(control, idx), [2.5, 97.5]).tolist()
+    return out
 
 
 def main():
@@ -122,7 +128,7 @@ def main():
     teacher, t_tok = mlx_lm.load(str(default_teacher.DEFAULT_TEACHER_DIR))
     results = {"teacher": bits_per_byte(nll_per_chunk(teacher, t_tok, chunks), nbytes)}
     del teacher
-    runs = {}
+    runs, nll = {}, {}
     for arm in a.arms:
         run_dir = out / arm
         train.run(train.parse_args([
@@ -132,7 +138,8 @@ def main():
             "--steps-per-eval", str(a.steps), "--steps-per-save", str(a.steps), "--loss",
             ",".join(f"{k}={v}" for k, v in ARMS[arm].items())]))
         model, s_tok = mlx_lm.load(str(run_dir))
-        results[arm] = bits_per_byte(nll_per_chunk(model, s_tok, chunks), nbytes)
+        nll[arm] = nll_per_chunk(model, s_tok, chunks)
+        results[arm] = bits_per_byte(nll[arm], nbytes, nll.get("ce") if arm != "ce" else None)
         runs[arm] = json.loads((run_dir / "kd.json").read_text())
         results[arm]["kd_mode"] = runs[arm]["kd_mode"]
     splits = next(iter(runs.values()))["splits"]
@@ -140,10 +147,13 @@ def main():
              "alignment": splits, "results": results,
              "elapsed_s": round(time.perf_counter() - tic, 1)}
     write_json_atomic(out / "study.json", study)
-    lines = ["| arm | kd_mode | held-out bits/byte | 95 % interval |", "|---|---|---|---|"]
+    lines = ["| arm | kd_mode | held-out bits/byte | 95 % interval | minus ce (paired 95 %) |",
+             "|---|---|---|---|---|"]
     for name, r in results.items():
+        delta = (f"{r['minus_ce']:+.4f} ({r['minus_ce_ci95'][0]:+.4f} .. {r['minus_ce_ci95'][1]:+.4f})"
+                 if "minus_ce" in r else "")
         lines.append(f"| {name} | {r.get('kd_mode', '(teacher)')} | {r['bpb']:.4f} | "
-                     f"{r['ci95'][0]:.4f} - {r['ci95'][1]:.4f} |")
+                     f"{r['ci95'][0]:.4f} - {r['ci95'][1]:.4f} | {delta} |")
     tr = splits["train"]
     lines.append(f"\naligned positions (train): {tr['aligned']}/{tr['target_positions']} = "
                  f"{tr['aligned_fraction']:.1%}; first-token agreement "
