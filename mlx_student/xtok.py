@@ -191,7 +191,12 @@ class Aligner:
         (probabilities, or counts), sorted by value, largest first; ids with no student token
         are left out (their mass joins the tail). Returns ``(pairs, mass left out)``."""
         merged, lost = {}, 0.0
-        for tid, value in pairs:
+        for pair in pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int)
+                    and 0 <= pair[0] < len(self.t.bytes_of) and isinstance(pair[1], (int, float))):
+                raise AlignError(f"expected an [id, {'count' if counts else 'logprob'}] pair of "
+                                 f"the teacher's vocabulary, got {json.dumps(pair)}")
+            tid, value = pair
             sid = self.first_token(tid)
             v = value if counts else math.exp(min(value, 0.0))
             if sid is None:
@@ -240,7 +245,10 @@ class Aligner:
                 if m is None:
                     mapped.append([])
                     continue
-                pairs, lost = self.map_pairs(rows[m], counts=kind == "sampled")
+                try:
+                    pairs, lost = self.map_pairs(rows[m], counts=kind == "sampled")
+                except (AlignError, TypeError) as e:
+                    raise AlignError(f"field '{kind}[{m}]': {e}") from None
                 mapped.append(pairs)
                 if kind == "topk":
                     stats["lost_mass"] += lost

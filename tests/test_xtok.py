@@ -247,3 +247,36 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused(tmp_path, tokenizer):
     word = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(AlignError, match="the student: not a byte-level BPE tokenizer"):
         Aligner(tokenizer, word, student_name="the student")
+
+
+def test_a_teacher_completion_record_maps_onto_the_student_chat_template(
+        tmp_path, aligner, tokenizer, bpe_tokenizer):
+    """A kd_mix record (prompt messages, the teacher's completion ids and top-k) becomes the
+    student's: its template's prompt, the completion in its tokens, the top-k where aligned;
+    mlx_student.data loads it for the student unchanged."""
+    from mlx_student.data import load_jsonl
+
+    completion = 'return "naïve→"'
+    ids = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    other = tokenizer.encode(" teacher", add_special_tokens=False)[0]
+    record = {"messages": [{"role": "user", "content": "Say it."}], "completion": completion,
+              "finish_reason": "stop", "completion_ids": ids,
+              "topk": [[[t, math.log(0.7)], [other, math.log(0.2)]] for t in ids]}
+    out, stats = aligner.convert(record)
+    s_ids = out["completion_ids"]
+    assert bpe_tokenizer.decode(s_ids[:-1]) == completion and s_ids[-1] == bpe_tokenizer.eos_token_id
+    assert len(out["topk"]) == len(s_ids) == stats["targets"]
+    # every teacher boundary of this text is a BPE boundary (the BPE splits ï and → further)
+    assert stats["aligned"] == len(ids) and out["topk"][0][0][0] == s_ids[0]
+    write_jsonl(tmp_path / "train.jsonl", [out])
+    (example,) = load_jsonl(tmp_path / "train.jsonl", bpe_tokenizer, 8192, 128).examples
+    prompt = bpe_tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True)
+    assert example.prompt_len == len(prompt) and example.tokens.tolist() == list(prompt) + s_ids
+    aligned_rows = np.isfinite(example.topk_logprobs).any(axis=1)
+    assert aligned_rows.tolist() == [bool(row) for row in out["topk"]]
+    np.testing.assert_allclose(np.exp(example.topk_logprobs[aligned_rows]).sum(axis=1), 0.9,
+                               rtol=1e-6)  # fp32 storage of log(0.7), log(0.2)
+
+    bad = {**record, "topk": [[[t, "x"]] for t in ids]}
+    with pytest.raises(AlignError, match=r"field 'topk\[0\]': expected an \[id, logprob\] pair"):
+        aligner.convert(bad)
