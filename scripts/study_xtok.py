@@ -20,8 +20,10 @@ from the converted records). Writes <out>/study.json and <out>/study.md.
 """
 
 import argparse
+import itertools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -50,7 +52,7 @@ def parse_args():
                    "(trained here from --data if missing)")
     p.add_argument("--data", default="data/stdlib", help="text folder: train.jsonl, test.jsonl")
     p.add_argument("--out", default="runs/study_xtok")
-    p.add_argument("--teacher-tokens", type=int, default=40000, help="train tokens the teacher scores")
+    p.add_argument("--teacher-tokens", type=int, default=30000, help="train tokens the teacher scores")
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
@@ -116,9 +118,14 @@ def main():
     tic = time.perf_counter()
     bpe = train_byte_bpe(Path(a.data) / "train.jsonl", a.bpe, 8192)
     default_teacher.prepare()
-    scored = out / "scored"
+    scored, text = out / "scored", out / "text"  # train text, and a little of valid for the runs
     if not (scored / "manifest.json").is_file():
-        score.run(score.parse_args(["--data", a.data, "--out", str(scored), "--top-k", str(a.top_k),
+        text.mkdir(exist_ok=True)
+        shutil.copyfile(Path(a.data) / "train.jsonl", text / "train.jsonl")
+        with open(Path(a.data) / "valid.jsonl") as f:  # the runs' own validation: ~4k tokens
+            docs = [{"text": json.loads(line)["text"][:2000]} for line in itertools.islice(f, 8)]
+        (text / "valid.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        score.run(score.parse_args(["--data", str(text), "--out", str(scored), "--top-k", str(a.top_k),
                                     "--samples", "0", "--max-seq-length", "128", "--max-tokens",
                                     str(a.teacher_tokens), "--seed", str(a.seed)]))
     config = out / "student.yaml"
