@@ -361,7 +361,7 @@ def _decodes(record, tokenizer):
         record["completion_ids"], record.get("completion"))
     try:
         return tokenizer.decode(ids) == text
-    except Exception:  # ids outside the vocabulary, of every kind of tokenizer
+    except (TypeError, ValueError, IndexError, OverflowError):  # ids outside the vocabulary
         return False
 
 

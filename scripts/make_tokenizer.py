@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_student.bpe import train_byte_bpe  # noqa: E402
+from mlx_student.bpe import train_byte_bpe
 
 
 def main(argv=None):

@@ -182,7 +182,7 @@ def test_tiny_bpe_student_learns_from_the_smollm2_teacher(tmp_path, scored, bpe_
     cmd = [sys.executable, "-m", "mlx_student.train", "--config", str(config), "--data", str(scored),
            "--out", str(out), "--iters", "12", "--batch-size", "4", "--max-seq-length", "64",
            "--learning-rate", "3e-3", "--warmup", "2", "--steps-per-eval", "100"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "kd.json").read_text())
     assert report["kd_mode"] == mode and report["records_tokenizer"] == str(
@@ -233,7 +233,7 @@ def test_records_of_another_tokenizer_are_refused_or_mapped(tmp_path, scored, to
     config = bpe_config(tmp_path / "run.yaml", bpe_dir, loss)
     proc = subprocess.run([sys.executable, "-m", "mlx_student.train", "--config", str(config),
                            "--data", str(bare), "--out", str(tmp_path / "s"), "--iters", "1"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: {bare}/manifest.json: tokenizer_hash: the records were made" in proc.stderr
 
