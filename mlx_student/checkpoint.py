@@ -3,7 +3,7 @@
 A checkpoint is two folders, each replaced in one rename (mlx_student.files.atomic_dir):
 
     runs/<name>/           the model as an mlx-lm folder (what users load), plus the run's
-                           metrics.jsonl and loss.png
+                           metrics.jsonl, loss.png and kd.json (which KD mode ran, mlx_student.xtok)
     runs/<name>.trainer/   everything a resume needs: fp32 master weights, optimizer state
                            (with the LR-schedule position) and state.json (step, which is also
                            the data cursor and the RNG state, config, settings)
@@ -26,7 +26,7 @@ from .config import ConfigError
 from .files import atomic_dir, recover
 from .finetune import fused
 
-RUN_FILES = ("metrics.jsonl", "loss.png")  # kept across model-folder replacements
+RUN_FILES = ("metrics.jsonl", "loss.png", "kd.json")  # kept across model-folder replacements
 
 
 def trainer_dir(out) -> Path:

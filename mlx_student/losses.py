@@ -22,6 +22,8 @@ gradient.
 * ``sampled_kd``: sparse KD from N ids drawn from the teacher's full distribution
   per position, stored as ids with counts (random-sampled KD, arXiv 2503.16870):
   unbiased where top-k truncation is not.
+* ``uld``: the Universal Logit Distillation loss (arXiv 2402.12030): L1 between the sorted
+  teacher and student probabilities, vocabulary-agnostic (teachers with another tokenizer).
 * ``loss_mix``: weighted sum of the above, driven by a batch dict.
 """
 
@@ -206,6 +208,30 @@ def sampled_kd(logits, sampled_ids, sampled_counts, mask, weights=None):
     return _masked_mean(per_token, mask, weights)
 
 
+def uld(logits, topk_logprobs, mask, weights=None):
+    """Universal Logit Distillation (Boizard et al., 2024, arXiv 2402.12030) over a top-k.
+
+    ULD compares the teacher's and the student's probability vectors each sorted in
+    decreasing order, ``sum_i |p_(i) - q_(i)|``, so it needs no shared vocabulary: only the
+    positions must correspond (mlx_student.xtok aligns them by byte spans). With the
+    teacher's top-k ``topk_logprobs`` (B, L, K) (padding ``-inf``; ids are not needed) the
+    ranks below K are compared as one tail bucket, as ``topk_kd``'s ``"bucket"``:
+    ``sum_{i<K} |p_(i) - q_(i)| + |(1 - sum p) - (1 - sum_{i<K} q_(i))|`` with ``q_(i)`` the
+    student's K largest full-vocabulary probabilities. The value lies in [0, 2]; it is 0 when
+    the student's sorted top-k equals the teacher's. The paper's recipe adds it to CE.
+    """
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    lp = topk_logprobs.astype(mx.float32)
+    p = mx.where(lp > -mx.inf, mx.exp(mx.minimum(lp, 0.0)), 0.0)
+    k = p.shape[-1]
+    p_sorted = mx.sort(p, axis=-1)  # increasing: rank i of both pairs with rank i
+    q_sorted = mx.sort(mx.topk(probs, k, axis=-1), axis=-1)
+    p_tail = mx.maximum(1.0 - p.sum(axis=-1), 0.0)
+    q_tail = mx.maximum(1.0 - q_sorted.sum(axis=-1), 0.0)
+    per_token = mx.abs(p_sorted - q_sorted).sum(axis=-1) + mx.abs(p_tail - q_tail)
+    return _masked_mean(per_token, mask, weights)
+
+
 def _kd_mask(batch):
     return batch.get("kd_mask", batch["mask"])
 
@@ -246,6 +272,12 @@ LOSSES = {
         ("sampled_ids", "sampled_counts", "mask"),
         lambda logits, b, T, beta, tail: sampled_kd(
             logits, b["sampled_ids"], b["sampled_counts"], _kd_mask(b), b.get("token_weights")
+        ),
+    ),
+    "uld": (
+        ("topk_logprobs", "mask"),
+        lambda logits, b, T, beta, tail: uld(
+            logits, b["topk_logprobs"], _kd_mask(b), b.get("token_weights")
         ),
     ),
 }

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,11 +34,11 @@ from mlx_lm.utils import load_tokenizer
 import yaml
 from tqdm import tqdm
 
-from . import checkpoint, finetune, hf_config, prune, run_settings
+from . import checkpoint, finetune, hf_config, prune, run_settings, xtok
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
-from .files import claim_dir
+from .files import claim_dir, write_json_atomic
 from .losses import LOSSES, TAILS
 from .onpolicy import on_policy_settings
 from .quant import qat_settings
@@ -57,6 +58,7 @@ CONFIG_DEFAULTS = {
     "skip_bad_lines": False,
     "process_weights": None,  # {tool_name, arguments, integration}: weights of process spans
     "teacher": None,  # an mlx-lm folder in this process: its logits for forward_kl/reverse_kl/jsd
+    "teacher_tokenizer": None,  # the KD records' tokenizer folder when not the student's (xtok)
     "init_from": None,  # an mlx-lm llama folder the student starts from (mlx_student.finetune)
     "fine_tune_type": "full",  # full | lora | dora
     "num_layers": -1,  # blocks (the last N) that get adapters; -1: all
@@ -150,6 +152,9 @@ def build_parser():
         "(dense KD terms only)")
     add("--teacher", help="mlx-lm folder whose logits the dense KD losses distil (same vocab), "
         "e.g. the fp model for QAT by self-distillation")
+    add("--teacher-tokenizer", help="tokenizer folder the KD records' token ids belong to, when "
+        "not the student's (default: the data folder's manifest.json); their top-k / sampled "
+        "targets are mapped onto the student's tokens (mlx_student.xtok)")
     add("--init-from", help="mlx-lm llama folder to start from (layers/widths cut to `model:`)")
     add("--fine-tune-type", choices=finetune.FINE_TUNE_TYPES, help="full, or mlx-lm's LoRA / DoRA adapters")
     add("--num-layers", type=int, help="adapters on the last N blocks (-1: all)")
@@ -230,8 +235,16 @@ def run(args):
     if Path(config.tokenizer) == default_teacher.DEFAULT_TEACHER_DIR:
         default_teacher.prepare()
     tokenizer = load_tokenizer(Path(config.tokenizer))
-    splits = load_dataset(args.data, tokenizer, config.vocab_size, args.max_seq_length,
-                          args.skip_bad_lines, weights)
+    with tempfile.TemporaryDirectory(prefix="xtok-") as tmp:
+        data, kd_report = xtok.prepare(args.data, tokenizer, args.loss, tmp, args.teacher_tokenizer,
+                                       args.teacher)
+        try:
+            splits = load_dataset(data, tokenizer, config.vocab_size, args.max_seq_length,
+                                  args.skip_bad_lines, weights)
+        except DataError as e:  # converted records: name the file they came from
+            raise DataError(str(e).replace(str(data), str(args.data))) from None
+    for split in splits.values():
+        split.path = Path(args.data) / split.path.name
     run_settings.raise_problems(run_settings.check_data(splits, args.batch_size), args.config,
                                 args.setting_lines, args.flags_given)
     targs = TrainingArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArgs)})
@@ -248,6 +261,10 @@ def run(args):
         start = checkpoint.load(out, model, optimizer, config)["step"]
     if rank == 0:
         claim_dir(out)
+        write_json_atomic(out / "kd.json", kd_report)
+        print(f"kd_mode {kd_report['kd_mode']}" + "".join(
+            f"; {name}: {c['aligned']}/{c['target_positions']} target positions aligned"
+            for name, c in kd_report.get("splits", {}).items()))
         kept = metrics.read_text().splitlines() if start and metrics.exists() else []
         kept = [line for line in kept if json.loads(line)["step"] <= start]
         metrics.write_text("".join(line + "\n" for line in kept))

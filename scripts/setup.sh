@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up on a fresh machine, idempotently: OpenBLAS (Linux), a venv at .venv with the project
-# and its extras, the embedded default teacher (models/), and the pilot corpus (data/stdlib).
+# and its extras, the embedded default teacher (models/), the pilot corpus (data/stdlib) and a
+# byte-level BPE trained on it (models/stdlib-bpe-8k: cross-tokenizer KD).
 # Rerunning is quick: each step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +40,6 @@ fi
 
 .venv/bin/python -m mlx_student.teacher.default
 [ -f data/stdlib/train.jsonl ] || .venv/bin/python scripts/make_text_corpus.py --out data/stdlib
+# A second real tokenizer (byte-level BPE, vocab 8192) for cross-tokenizer KD; a no-op when made.
+.venv/bin/python scripts/make_tokenizer.py --data data/stdlib --out models/stdlib-bpe-8k
 echo "== ready: .venv/bin/mlx_student.pilot --config configs/pilot.yaml"

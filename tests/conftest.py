@@ -81,3 +81,22 @@ def kd_data(tmp_path_factory, teacher_dir):
     write_jsonl(data / "train.jsonl", records)
     write_jsonl(data / "valid.jsonl", records[:4])
     return data
+
+
+# -- cross-tokenizer KD (mlx_student.xtok): a second real tokenizer, trained here ------------
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE (vocab 8192, ChatML specials) trained on the first MiB of the local
+    corpus (data/stdlib/train.jsonl) in about a second: the student tokenizer of the
+    cross-tokenizer tests (the default teacher's is SmolLM2's)."""
+    from mlx_student.bpe import train_byte_bpe
+
+    return train_byte_bpe(ROOT / "data/stdlib/train.jsonl", tmp_path_factory.mktemp("bpe") / "bpe",
+                          vocab_size=8192, max_bytes=1 << 20)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(bpe_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(bpe_dir)

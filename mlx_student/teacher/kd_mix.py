@@ -13,7 +13,9 @@ greedy prompts decoded `batch_size` at a time, scripts/bench_teacher.py gives th
 `server` (mlx_lm.server started on loopback for `model`, used over HTTP, stopped at the end),
 `http` (any OpenAI-compatible endpoint at `base_url`). When the teacher's tokenizer is the
 student's, records carry `completion_ids` and per-token `topk` (top-k KD); otherwise only the
-text (sequence-level KD), and the manifest says so.
+text (sequence-level KD), and the manifest says so. For a student with another tokenizer, set
+`student_tokenizer` to the teacher's own: the records keep its ids and top-k, and
+mlx_student.train maps them onto the real student's tokens (mlx_student.xtok).
 
 Output: `<out>/{train,valid,test}.jsonl` (KD records, mlx_student.data reads them) and
 `<out>/manifest.json` (written atomically). Rerunning the same command resumes: records already
