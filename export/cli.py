@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from mlx_student.config import ConfigError, apply_config
-from mlx_student.files import atomic_dir
+from mlx_student.files import atomic_dir, check_replaceable
 from mlx_student.run_settings import choice, flag, integer, number, problems, raise_problems
 
 from . import audit as fp16
@@ -201,6 +201,7 @@ def run(args) -> dict:
     ct = coremltools()
     model_dir = Path(args.model)
     out = Path(args.out or Path("artifacts") / model_dir.name)
+    check_replaceable(out)  # before minutes of conversion, not after
     progress = Progress(6 + bool(args.onnx))
 
     progress.stage("read checkpoint")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from mlx_student import checkpoint, finetune, prune
 from mlx_student.config import ConfigError, load_config, load_yaml
-from mlx_student.files import atomic_dir, recover
+from mlx_student.files import atomic_dir, claim_dir, recover
 from mlx_student.teacher import default as default_teacher
 from mlx_student.train import OPTIMIZERS
 from mlx_student.trainer import schedule
@@ -259,7 +259,7 @@ def run(args) -> list:
     prefs = teacher_preferences(args, train_rows, trainer) if args.loss["kd"] else None
     soft = [prefs[r["id"]] if prefs else TARGET[r["winner"]] for r in train_rows]
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out)
     metrics = out / "metrics.jsonl"
     kept = metrics.read_text().splitlines() if start and metrics.exists() else []
     metrics.write_text("".join(x + "\n" for x in kept if json.loads(x)["step"] <= start))
