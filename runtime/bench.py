@@ -322,14 +322,13 @@ def check_args(args):
         raise ConfigError("\n".join(bad))
 
 
-def main(argv=None):
+def bench(argv=None) -> dict:
+    """mlx_student.bench without the exit: check the flags, run, write bench.json, bench.md and
+    bench.png under --out, print the table; returns the result (bench.json's content). Raises
+    ConfigError naming a bad flag or model folder."""
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        r = run(args)
-    except ConfigError as e:  # hf_config.FolderConfigError too: a folder named by file and key
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_args(args)
+    r = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "bench.json", r)
@@ -337,6 +336,15 @@ def main(argv=None):
     (out / "bench.md").write_text(md)
     plot(r, out / "bench.png")
     print(md)
+    return r
+
+
+def main(argv=None):
+    try:
+        bench(argv)
+    except ConfigError as e:  # hf_config.FolderConfigError too: a folder named by file and key
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
