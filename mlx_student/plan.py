@@ -315,10 +315,10 @@ def settings(args) -> StudentConfig:
     from . import run_settings
     from .train import CONFIG_DEFAULTS
 
+    config = load_config(args.config)
     given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     _, lines = apply_config(args, {**CONFIG_DEFAULTS, **PLAN_DEFAULTS},
                             skip=("model", "pilot", "judge"), what="run setting")
-    config = load_config(args.config)
     integer, number = run_settings.integer, run_settings.number
     found = run_settings.problems(args, {
         "batch_size": integer(1), "max_seq_length": integer(1), "grad_accumulation_steps": integer(1),
