@@ -14,3 +14,20 @@ Modules (one job each; export may import mlx_student, never the reverse):
   taps         the probe's three backends (MLX layer by layer, mirror, MIL dataflow tap map)
   probe        mlx_student.probe: gated MLX / mirror / CoreML parity report (JSON, Markdown, PNG)
 """
+
+import logging
+import re
+import sys
+
+# What `import coremltools` logs on Linux, where its native CoreML bindings (libcoremlpython) do
+# not exist and sklearn / torch are newer than it was tested with: ~10 lines a user reads as a
+# broken install. Dropped here, before any module of this package imports coremltools; every
+# other coremltools message (conversion warnings, a missing proxy for another reason) is kept.
+LINUX_IMPORT_NOISE = re.compile(
+    r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'$"
+    r"|scikit-learn version \S+ is not supported\. "
+    r"|Torch version \S+ has not been tested with coremltools\. ")
+
+if sys.platform != "darwin":
+    logging.getLogger("coremltools").addFilter(
+        lambda record: not LINUX_IMPORT_NOISE.match(record.getMessage()))

@@ -173,9 +173,15 @@ def _flexible_inputs(spec_function) -> dict:
 
 
 def lint(path, functions=None) -> list:
-    """Findings for the package's functions (all by default), in program order."""
+    """Findings for the package's functions (all by default), in program order. Raises
+    mil_executor.PackageError for a path that is not a package or a function it lacks."""
     spec, _ = mil_executor.read_spec(path)
-    names = functions or mil_executor.functions(path)
+    names = mil_executor.functions(path)
+    unknown = [f for f in functions or [] if f not in names]
+    if unknown:
+        raise mil_executor.PackageError(f"{path}: no function {', '.join(map(repr, unknown))} "
+                                        f"(the package has {', '.join(names)})")
+    names = functions or names
     descriptions = {f.name: f for f in spec.description.functions}
     findings = []
     for name in names:
@@ -222,12 +228,19 @@ def compute_plan(path, function: str = None) -> dict:
 
 # ---------------------------------------------------------------- CLI
 def build_parser():
-    p = argparse.ArgumentParser(description="ANE placement lint over a saved .mlpackage")
-    p.add_argument("package", type=Path)
-    p.add_argument("--function", action="append", help="function(s) to lint (default: all)")
+    p = argparse.ArgumentParser(description="ANE placement lint over a saved .mlpackage: what in "
+                                "each function's MIL program is known to leave the Neural Engine "
+                                "or break it. Exit status 1 when a finding at --fail-on's level "
+                                "is found, 2 for a path that is not a package.")
+    p.add_argument("package", type=Path, help="a saved .mlpackage folder (mlx_student.export's "
+                   "model.mlpackage) or a bare .mlmodel file")
+    p.add_argument("--function", action="append", help="function to lint; repeat for several "
+                   "(default: all the package's functions)")
     p.add_argument("--json", action="store_true", help="findings as JSON")
-    p.add_argument("--show", type=int, default=20, help="findings printed per function and rule")
-    p.add_argument("--fail-on", choices=["error", "warning", "never"], default="error")
+    p.add_argument("--show", type=int, default=20, metavar="N", help="print at most N findings "
+                   "per function and rule (the summary line counts them all) (default: %(default)s)")
+    p.add_argument("--fail-on", choices=["error", "warning", "never"], default="error",
+                   help="lowest severity that makes the exit status 1 (default: %(default)s)")
     p.add_argument("--compute-plan", action="store_true", help="also CoreML's plan (macOS)")
     return p
 
@@ -255,8 +268,14 @@ def run(args) -> int:
     return 1 if any(f.severity in levels for f in findings) else 0
 
 
-def main():
-    sys.exit(run(build_parser().parse_args()))
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        status = run(args)
+    except mil_executor.PackageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

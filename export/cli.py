@@ -324,8 +324,10 @@ def run(args) -> dict:
 
 
 def main(argv=None):
+    args = None
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        run(args)
     except PartialExport as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -333,6 +335,14 @@ def main(argv=None):
             fp16.Fp16Overflow) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        pass  # leaving the block frees the run's frames (and progress bars) before the line
+    else:
+        return
+    # the package is written in atomic_dir: an interrupted export leaves nothing half-written
+    where = f"{args.out} is as it was" if args else "nothing was read"
+    print(f"interrupted: the export wrote nothing; {where}", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

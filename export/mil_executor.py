@@ -148,22 +148,42 @@ def sparse_to_dense(op, nonzero_data, mask, shape=None):
 
 
 # ---------------------------------------------------------------- reading the package
+class PackageError(ValueError):
+    """A path that is not a readable saved .mlpackage (or .mlmodel); the message names it."""
+
+
 def read_spec(path):
-    """(Model proto, weights folder) of a saved .mlpackage (or a bare .mlmodel file)."""
+    """(Model proto, weights folder) of a saved .mlpackage (or a bare .mlmodel file). Raises
+    PackageError naming the path when it is missing, not a package, or not an mlprogram."""
+    from google.protobuf.message import DecodeError
     from coremltools.proto import Model_pb2
 
     path = Path(path)
+    if not path.exists():
+        raise PackageError(f"{path}: no such file or folder")
     if path.is_dir():
-        manifest = json.loads((path / "Manifest.json").read_text())
-        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+        try:
+            manifest = json.loads((path / "Manifest.json").read_text())
+            root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+        except FileNotFoundError:
+            raise PackageError(f"{path}: not an .mlpackage (no Manifest.json)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise PackageError(f"{path / 'Manifest.json'}: not a package manifest "
+                               f"({type(e).__name__}: {e})") from None
         model_file = path / "Data" / root
         weights = model_file.parent / "weights"
     else:
         model_file, weights = path, path.parent / "weights"
     spec = Model_pb2.Model()
-    spec.ParseFromString(model_file.read_bytes())
+    try:
+        spec.ParseFromString(model_file.read_bytes())
+    except DecodeError:
+        raise PackageError(f"{model_file}: not a CoreML model (the file does not parse as a "
+                           "Model protobuf)") from None
+    except OSError as e:
+        raise PackageError(f"{model_file}: cannot read: {e.strerror}") from None
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{path}: not an mlprogram (type {spec.WhichOneof('Type')})")
+        raise PackageError(f"{path}: not an mlprogram (type {spec.WhichOneof('Type')})")
     return spec, weights
 
 

@@ -214,4 +214,30 @@ def load(path_or_hf_repo, **kwargs):
             raise FolderConfigError(f"{repo}: no such model folder, and not a Hugging Face "
                                     f"repo that can be fetched ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return mlx_lm_load(str(folder), model_config=mlx_overrides(read_config(folder)), **kwargs)
+    config = read_config(folder)
+    check_mlx_model(folder / "config.json", config)
+    return mlx_lm_load(str(folder), model_config=mlx_overrides(config), **kwargs)
+
+
+def check_mlx_model(path: Path, config: dict) -> None:
+    """Refuse, naming the file and key, a config.json mlx-lm has no model for or whose model
+    arguments it lacks (transformers 5's GPT-2 writes no `n_ctx`, which mlx-lm's gpt2 needs: a
+    TypeError deep in mlx_lm.load otherwise). Raises FolderConfigError."""
+    import inspect
+
+    from mlx_lm.utils import _get_classes
+
+    kind = config.get("model_type")
+    if not isinstance(kind, str):
+        raise FolderConfigError(f"{path}: model_type: missing (mlx-lm picks the model by it)")
+    try:
+        _, model_args = _get_classes(config)
+    except ValueError:
+        raise FolderConfigError(f"{path}: model_type {kind!r}: not a model mlx-lm has "
+                                "(mlx_lm.models)") from None
+    given = {**config, **mlx_overrides(config)}
+    missing = [name for name, p in inspect.signature(model_args).parameters.items()
+               if p.default is inspect.Parameter.empty and name not in given]
+    if missing:
+        raise FolderConfigError(f"{path}: model_type {kind!r}: mlx-lm's {kind} model needs "
+                                f"{', '.join(missing)}, which the file lacks")

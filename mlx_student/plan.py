@@ -44,7 +44,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from .config import ConfigError, StudentConfig, load_config
+from .config import ConfigError, StudentConfig, apply_config, load_config
 from .info import GB, human_count, matrices, parameters, vectors
 
 FINE_TUNES = ("full", "dora", "lora", "qlora8", "qlora4")  # most capable first
@@ -65,6 +65,8 @@ UPDATE_BYTES = {"adamw": 26, "adafactor": 16, "sgd": 12}
 # gradient and their sum: extra bytes per embedding parameter (full fine-tuning only).
 EMBEDDING_GRAD_TIED = 16
 EMBEDDING_GRAD_UNTIED = 4
+# the flags the config's run settings fill when given (the planner's own defaults otherwise)
+PLAN_DEFAULTS = {"batch_size": 1, "max_seq_length": 2048, "grad_accumulation_steps": 1}
 PER_TOKEN_BYTES = 11_000  # measured CE residual per token (MLX 0.32 CPU), see the docstring
 
 
@@ -282,15 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
         "compute dtype and checkpointing; what fits on 16/32/64/128 GB Macs (arithmetic only). "
         "--measure trains a few steps of one setting here and prints planned vs measured.")
     add = p.add_argument
-    add("--config", required=True, help="student YAML config")
-    add("--batch-size", type=int, default=1, help="sequences per micro-batch")
-    add("--max-seq-length", type=int, default=2048, help="tokens per sequence")
-    add("--rank", type=int, default=8, help="LoRA / DoRA rank")
-    add("--lora-layers", type=int, default=-1, help="blocks with adapters (-1: all)")
-    add("--topk", type=int, default=0, help="teacher top-k per token in the batch (0: CE only)")
-    add("--grad-accumulation-steps", type=int, default=1)
+    add("--config", required=True, help="student YAML config (its model: and, as defaults for "
+        "the three flags below, its batch_size, max_seq_length and grad_accumulation_steps)")
+    for flag, default, what in (("--batch-size", 1, "sequences per micro-batch"),
+                                ("--max-seq-length", 2048, "tokens per sequence"),
+                                ("--grad-accumulation-steps", 1, "micro-batches per step")):
+        add(flag, type=int, help=f"{what} (default: the config's {flag[2:].replace('-', '_')}, "
+            f"else {default})")
+    add("--rank", type=int, default=8, help="LoRA / DoRA rank (default: %(default)s)")
+    add("--lora-layers", type=int, default=-1, help="blocks with adapters (-1: all) (default: %(default)s)")
+    add("--topk", type=int, default=0, help="teacher top-k per token in the batch (0: CE only) "
+        "(default: %(default)s)")
     add("--usable-fraction", type=float, default=USABLE_FRACTION,
-        help="share of unified memory MLX may use (Metal's recommended working set)")
+        help="share of unified memory MLX may use (Metal's recommended working set) (default: %(default)s)")
     add("--json", action="store_true", help="print one JSON object")
     m = p.add_argument_group("--measure: one setting, trained here for 2 steps")
     m.add_argument("--measure", action="store_true")
@@ -302,12 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings(args) -> StudentConfig:
+    """The config's model, and its run settings under the flags (flags over the file over
+    PLAN_DEFAULTS; a key mlx_student.train does not know is an error naming the file and line),
+    each checked. Raises ConfigError listing every problem where it was set."""
+    from . import run_settings
+    from .train import CONFIG_DEFAULTS
+
+    config = load_config(args.config)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
+    _, lines = apply_config(args, {**CONFIG_DEFAULTS, **PLAN_DEFAULTS},
+                            skip=("model", "pilot", "judge"), what="run setting")
+    integer, number = run_settings.integer, run_settings.number
+    found = run_settings.problems(args, {
+        "batch_size": integer(1), "max_seq_length": integer(1), "grad_accumulation_steps": integer(1),
+        "rank": integer(1), "lora_layers": integer(1, special=-1), "topk": integer(0),
+        "usable_fraction": number(lambda x: 0 < x <= 1, "a number in (0, 1]")})
+    run_settings.raise_problems(found, args.config, lines, given)
+    return config
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = settings(args)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     base = Setting(batch_size=args.batch_size, max_seq_length=args.max_seq_length, rank=args.rank,
                    lora_layers=args.lora_layers, topk=args.topk,

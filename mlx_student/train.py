@@ -38,7 +38,7 @@ from . import checkpoint, finetune, hf_config, prune, run_settings, xtok
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
 from .data import SPAN_TYPES, DataError, load_dataset, process_weights
-from .files import claim_dir, write_json_atomic
+from .files import OutputExistsError, claim_dir, write_json_atomic
 from .losses import LOSSES, TAILS
 from .onpolicy import on_policy_settings
 from .quant import qat_settings
@@ -304,12 +304,35 @@ def run(args):
     return history
 
 
+def interrupted(out) -> str:
+    """What a Ctrl-C leaves: the last whole checkpoint (checkpoint.py writes each atomically)."""
+    state = checkpoint.trainer_dir(out) / "state.json"
+    if out is None or not state.is_file():
+        return "interrupted: no checkpoint was saved; nothing to resume"
+    step = json.loads(state.read_text())["step"]
+    return (f"interrupted: {out} holds the checkpoint of step {step}; rerun the command with "
+            "--resume to continue from it")
+
+
 def main(argv=None):
+    args = None
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        run(args)
+    except (FileExistsError, NotADirectoryError) as e:  # --out (or a folder above it) is a file
+        where = "" if str(e.filename) == str(args.out) else f"{e.filename} "
+        print(f"error: {e}" if isinstance(e, OutputExistsError) else
+              f"error: --out {args.out}: {where}is a file, not a folder", file=sys.stderr)
+        sys.exit(2)
     except (ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        pass  # leaving the block frees the run's frames: its progress bar is drawn before the line
+    else:
+        return
+    print(interrupted(args and args.out), file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

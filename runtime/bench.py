@@ -14,8 +14,9 @@ seed's gates (runtime/context_bench.py). Writes bench.json, bench.md and bench.p
 
 Bandwidth: on Linux the ceiling uses this machine's bandwidth measured in the same run (a
 large MLX reduction); the M1 Max ceilings of mlx_student.info (GPU 400 GB/s, ANE 55 GB/s) are
-listed for the student's fp16/int8/int4 formats. The CoreML engine (ANE, compute units) is not
-benchmarked: it waits for the exporter and the MIL executor, and its speed needs macOS.
+listed for the student's fp16/int8/int4 formats. The CoreML engine (runtime/coreml_engine.py) is
+not timed here: its speed is MLModel.predict on the ANE / GPU compute units, which needs macOS;
+elsewhere it runs the reference MIL executor, for correctness only (mlx_student.probe).
 """
 
 import argparse
@@ -223,7 +224,9 @@ def run(args) -> dict:
         res["speculative"] = {"drafter": name, "by_k": spec}
     if args.contexts:
         res["contexts"] = context_bench.per_context(engine, args.contexts, n, prompt_of, no_eos, TOOL)
-    res["coreml"] = "not benchmarked: the CoreML engine waits for the exporter and MIL executor; speed needs macOS"
+    res["coreml"] = ("not timed: CoreML speed is MLModel.predict on the ANE / GPU, which needs macOS; "
+                     "elsewhere the CoreML engine runs the reference MIL executor, for correctness "
+                     "only (mlx_student.probe)")
     return res
 
 
@@ -285,17 +288,26 @@ def plot(r: dict, path: Path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark generation with the MLX engine.")
+    p = argparse.ArgumentParser(description="Benchmark generation with the MLX engine against "
+                                "mlx_lm.generate in the same run; writes bench.json, bench.md and "
+                                "bench.png under --out.")
     p.add_argument("--model", required=True, help="mlx-lm model folder")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=DEFAULTS["prompt_lengths"])
-    p.add_argument("--decode-tokens", type=int, default=DEFAULTS["decode_tokens"])
-    p.add_argument("--reps", type=int, default=DEFAULTS["reps"])
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=DEFAULTS["prompt_lengths"],
+                   metavar="N", help="prompt lengths (tokens) timed for time to first token; the "
+                   "first is also the prompt of the decode and constrained rows (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=DEFAULTS["decode_tokens"], metavar="N",
+                   help="tokens decoded per timed run, EOS banned (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=DEFAULTS["reps"], metavar="N",
+                   help="timed repetitions per row; the median is reported (default: %(default)s)")
     p.add_argument("--draft-model", help="drafter folder (same tokenizer) for the speculative rows")
-    p.add_argument("--draft-bits", type=int, default=0, help="or: a quantized copy of --model as drafter")
-    p.add_argument("--draft-k", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--draft-bits", type=int, default=0, help="or: a quantized copy of --model as "
+                   "drafter, at these bits (default: %(default)s, off)")
+    p.add_argument("--draft-k", type=int, nargs="+", default=[2, 4], metavar="K",
+                   help="draft tokens per speculative round, one row each (default: %(default)s)")
     p.add_argument("--contexts", type=int, nargs="+", help="also measure with the prompt filling "
                    "each of these contexts (e.g. 4096 16384), gated by the seed's limits")
-    p.add_argument("--out", default=DEFAULTS["out"])
+    p.add_argument("--out", default=DEFAULTS["out"],
+                   help="output folder (default: %(default)s)")
     return p
 
 
@@ -310,14 +322,13 @@ def check_args(args):
         raise ConfigError("\n".join(bad))
 
 
-def main(argv=None):
+def bench(argv=None) -> dict:
+    """mlx_student.bench without the exit: check the flags, run, write bench.json, bench.md and
+    bench.png under --out, print the table; returns the result (bench.json's content). Raises
+    ConfigError naming a bad flag or model folder."""
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        r = run(args)
-    except ConfigError as e:  # hf_config.FolderConfigError too: a folder named by file and key
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_args(args)
+    r = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "bench.json", r)
@@ -326,6 +337,14 @@ def main(argv=None):
     plot(r, out / "bench.png")
     print(md)
     return r
+
+
+def main(argv=None):
+    try:
+        bench(argv)
+    except ConfigError as e:  # hf_config.FolderConfigError too: a folder named by file and key
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ from pathlib import Path
 from jinja2 import TemplateError
 from mlx_lm.sample_utils import make_logits_processors
 
+from mlx_student.config import ConfigError
+
 from .constrained import GrammarError, engine_vocab, json_schema_processor, schema_errors
 from .generate import MLXEngine, chat_prompt, encode_prompt, stream
 from .openai_api import RequestError, chat_logprobs, completion_logprobs, parse_chat, parse_completion
@@ -367,19 +369,27 @@ def build_parser():
                     "/v1/models, /health. Requests beyond --max-queue get 503 with Retry-After.")
     p.add_argument("--model", required=True, help="mlx-lm model folder (a student checkpoint, with config.json)")
     p.add_argument("--draft-model", help="drafter folder for speculative decoding (greedy requests)")
-    p.add_argument("--host", default=DEFAULTS["host"])
-    p.add_argument("--port", type=int, default=DEFAULTS["port"])
+    p.add_argument("--host", default=DEFAULTS["host"], help="address to listen on; 0.0.0.0 "
+                   "for every interface (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULTS["port"],
+                   help="TCP port, 0-65535; 0 picks a free one (default: %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULTS["max_tokens_limit"],
-                   help="largest max_tokens a request may ask for (more: 400)")
-    p.add_argument("--default-max-tokens", type=int, default=DEFAULTS["default_max_tokens"])
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULTS["max_request_bytes"])
+                   help="largest max_tokens a request may ask for (more: 400) (default: %(default)s)")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULTS["default_max_tokens"],
+                   help="max_tokens of a request that gives none (default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULTS["max_request_bytes"],
+                   help="largest request body; larger: 413 (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=DEFAULTS["time_limit"],
-                   help="seconds of generation per request (then finish_reason 'length')")
-    p.add_argument("--num-draft-tokens", type=int, default=DEFAULTS["num_draft_tokens"])
+                   help="seconds of generation per request (then finish_reason 'length') "
+                   "(default: %(default)s)")
+    p.add_argument("--num-draft-tokens", type=int, default=DEFAULTS["num_draft_tokens"],
+                   help="tokens the --draft-model proposes per target pass (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"],
-                   help="requests admitted at once, generating or waiting; more get 503 + Retry-After")
+                   help="requests admitted at once, generating or waiting; more get 503 + "
+                   "Retry-After (default: %(default)s)")
     p.add_argument("--queue-timeout", type=float, default=DEFAULTS["queue_timeout"],
-                   help="seconds a request may wait for its turn (then 503 + Retry-After)")
+                   help="seconds a request may wait for its turn (then 503 + Retry-After) "
+                   "(default: %(default)s)")
     p.add_argument("--api-key-env", default="MLX_STUDENT_API_KEY",
                    help="environment variable holding the bearer token (unset: no auth)")
     return p
@@ -395,6 +405,8 @@ def _load(parser, flag, path):
                      "config.json, weights *.safetensors and tokenizer files)")
     try:
         return MLXEngine.load(folder)
+    except ConfigError as e:  # hf_config: a config.json refused, naming the file and key
+        parser.error(f"{flag} {path}: {e}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         parser.error(f"{flag} {path}: cannot load the model: {type(e).__name__}: {e}")
 
@@ -402,9 +414,16 @@ def _load(parser, flag, path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "max_queue"):
+    for flag in ("max_tokens_limit", "default_max_tokens", "max_request_bytes", "max_queue",
+                 "num_draft_tokens"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("time_limit", "queue_timeout"):
+        if not getattr(args, flag) > 0:  # NaN too
+            parser.error(f"--{flag.replace('_', '-')} must be a number of seconds > 0, got "
+                         f"{getattr(args, flag)}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0-65535, got {args.port}")
     engine = _load(parser, "--model", args.model)
     draft = _load(parser, "--draft-model", args.draft_model) if args.draft_model else None
     cfg = {k: getattr(args, k) for k in DEFAULTS}

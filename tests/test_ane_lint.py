@@ -147,3 +147,17 @@ def test_enumerated_shapes_are_info_and_ranges_are_errors(tmp_path, flex):
     else:
         errors = {(f.op, f.name) for f in findings if f.rule == "dynamic-shape" and f.severity == "error"}
         assert ("input", "x") in errors and any(op == "linear" for op, _ in errors)
+
+
+def test_cli_refuses_what_is_not_a_package_in_one_line(tmp_path, clean, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "x.json").write_text('{"functions": ["main"]}\n')
+    cases = [([str(tmp_path / "folder")], f"{tmp_path / 'folder'}: not an .mlpackage (no Manifest.json)"),
+             ([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such file or folder"),
+             ([str(tmp_path / "x.json")], f"{tmp_path / 'x.json'}: not a CoreML model"),
+             ([str(clean), "--function", "nope"], f"{clean}: no function 'nope' (the package has main)")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            ane_lint.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -75,3 +75,22 @@ def test_readme_and_docs_links_resolve_inside_the_repository():
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.is_relative_to(ROOT.resolve()), f"{page.name}: {target} leaves the repo"
             assert path.exists(), f"{page.name}: {target} does not exist"
+
+
+def test_console_script_mains_return_none():
+    """`sys.exit(main())` turns a returned value into exit status 1 and prints it: every console
+    script's main() ends with None (or exits itself)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    wrong = []
+    for target in scripts.values():
+        module, func = target.split(":")
+        path = ROOT.joinpath(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        tree = ast.parse(path.read_text())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+        wrong += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(main)
+                  if isinstance(n, ast.Return) and n.value is not None
+                  and not (isinstance(n.value, ast.Constant) and n.value.value is None)]
+    assert wrong == []

@@ -229,3 +229,17 @@ def test_token_lengths_are_what_the_judge_reads(pairs, tokenizer):
     m = json.loads((pairs / "one" / "manifest.json").read_text())["tokens"]["prompt_plus_longer_candidate"]
     assert (m["min"], m["max"]) == (min(lengths), max(lengths))
     assert sum(lengths) / len(lengths) == pytest.approx(m["mean"], abs=0.05)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-pairs", "-3"], "--num-pairs: must be an integer >= 0, got -3"),
+    (["--tie-fraction", "1.5"], "--tie-fraction: must be a number in [0, 1], got 1.5"),
+    (["--valid-fraction", "0.6", "--test-fraction", "0.6"],
+     "--test-fraction: 0.6 with valid_fraction 0.6 leaves no prompt for train.jsonl (their sum must be < 1)"),
+    (["--num-pairs", "0"], "no pair rows to write: --num-pairs 0, and --kd / --import gave 0")])
+def test_bad_counts_and_fractions_are_refused_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        data.main(["--out", str(tmp_path / "out"), "--tokenizer", "", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.startswith("error: ")
+    assert not (tmp_path / "out").exists()

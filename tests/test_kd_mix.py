@@ -193,3 +193,18 @@ def test_a_folder_of_another_teacher_setup_is_refused(tmp_path, teacher_dir, pro
     with pytest.raises(ConfigError, match="holds records of another teacher setup"):
         kd_mix.run(kd_mix.parse_args(["--config", str(config)]))
     assert os.listdir(out) == ["manifest.json"]
+
+
+def test_failures_are_counted_by_kind_and_the_first_reason_printed(
+        tmp_path, proxy, teacher_dir, prompt_file, capsys):
+    proxy.faults = ["500", "500"]  # no retries: two jobs fail for good
+    config = write_config(tmp_path, teacher_dir, prompt_file, proxy.url, max_retries=0,
+                          concurrency=1)
+    with pytest.raises(SystemExit) as e:
+        kd_mix.main(["--config", str(config)])
+    manifest = json.loads((tmp_path / "kd" / "manifest.json").read_text())
+    first = manifest["last_run"]["first_failures"][0]
+    assert e.value.code == 1 and manifest["last_run"]["failure_kinds"] == {"HTTP 500": 2}
+    assert "last: HTTP 500" in first
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"failures by kind: HTTP 500 x2; the first: {first} (more in {tmp_path / 'kd' / 'manifest.json'})")

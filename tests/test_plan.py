@@ -1,5 +1,6 @@
 """The memory planner: arithmetic on the big configs, and planned vs measured peak memory."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -64,3 +65,31 @@ def test_cli_prints_the_table_and_the_best_setting(capsys):
     out = capsys.readouterr().out
     assert "64 GB:" in out and "nothing fits" not in out.split("64 GB:")[1].splitlines()[0]
     assert "qlora4" in out
+
+
+def plan_json(argv, capsys):
+    plan.main(argv + ["--json"])
+    return json.loads(capsys.readouterr().out)["plans"][0]["setting"]
+
+
+def test_cli_plans_the_configs_batch_and_length_under_the_flags(capsys):
+    tiny = str(ROOT / "configs/tiny.yaml")  # batch_size: 4, max_seq_length: 128
+    s = plan_json(["--config", tiny], capsys)
+    assert (s["batch_size"], s["max_seq_length"], s["grad_accumulation_steps"]) == (4, 128, 1)
+    s = plan_json(["--config", tiny, "--batch-size", "2", "--max-seq-length", "64"], capsys)
+    assert (s["batch_size"], s["max_seq_length"]) == (2, 64)
+
+
+def test_cli_refuses_bad_settings_where_they_were_set(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text((ROOT / "configs/tiny.yaml").read_text().replace("batch_size: 4", "batch_sise: 4"))
+    line = config.read_text().splitlines().index("batch_sise: 4") + 1
+    cases = [(["--rank", "0"], "--rank: must be an integer >= 1, got 0"),
+             (["--batch-size", "-1", "--topk", "-5"], "--batch-size: must be an integer >= 1, got -1\n"
+                                                       "  --topk: must be an integer >= 0, got -5"),
+             ([], f"{config}:{line}: batch_sise: unknown run setting")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            plan.main(["--config", str(config if not flags else ROOT / "configs/tiny.yaml")] + flags)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and message in err

@@ -9,10 +9,10 @@ from conftest import save_tiny
 def test_bench_writes_table_json_and_plot(tmp_path, tokenizer):
     path = save_tiny(tmp_path / "tiny", tokenizer, seed=0)
     out = tmp_path / "bench"
-    r = bench.main(["--model", str(path), "--prompt-lengths", "16", "64", "--decode-tokens", "12",
+    r = bench.bench(["--model", str(path), "--prompt-lengths", "16", "64", "--decode-tokens", "12",
                     "--reps", "1", "--draft-model", str(path), "--draft-k", "2", "--out", str(out)])
-    saved = json.loads((out / "bench.json").read_text())
-    assert set(saved["ttft_s"]) == {"16", "64"}
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(r))
+    assert set(r["ttft_s"]) == {16, 64}
     assert r["ratio_vs_mlx_lm"] > 0 and r["decode_tps"]["ours"] > 0 and r["decode_tps"]["mlx_lm"] > 0
     rf = r["roofline"]
     assert rf["bytes_per_token"] > 4 * 6_587_008  # fp32 weights at least

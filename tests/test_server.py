@@ -10,7 +10,7 @@ import pytest
 from runtime.constrained import tool_call_schema
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
 from mlx_student.messages import normalize_messages
-from runtime.server import ChatServer
+from runtime.server import ChatServer, main as serve_main
 from conftest import save_tiny
 
 TOKEN = "s3cret-token"
@@ -178,3 +178,14 @@ def test_invalid_tool_arguments_are_a_400_naming_the_field(client):
     body = error(client.post("/v1/chat/completions", json={"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}), 400)
     assert body["param"] == "messages[0].content[0].type" and "'image_url'" in body["message"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "--port must be in 0-65535, got 99999"),
+    (["--time-limit", "-5"], "--time-limit must be a number of seconds > 0, got -5.0"),
+    (["--queue-timeout", "0"], "--queue-timeout must be a number of seconds > 0, got 0.0"),
+    (["--num-draft-tokens", "0"], "--num-draft-tokens must be at least 1, got 0")])
+def test_cli_refuses_out_of_range_flags(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:  # checked before the model is read
+        serve_main(["--model", "runs/never-read"] + flags)
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(f"error: {message}\n")

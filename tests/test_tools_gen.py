@@ -100,3 +100,21 @@ def test_bad_shard_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _gen(tmp_path / "x", "--n", "5", "--shard", "3", "--num-shards", "3")
     assert e.value.code == 2 and "--shard 3 must be in [0, 3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n: must be an integer >= 1, got 0"),
+    (["--n", "-5"], "--n: must be an integer >= 1, got -5"),
+    (["--n", "5", "--concurrency", "0"], "--concurrency: must be an integer >= 1, got 0")])
+def test_bad_counts_are_refused_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        _gen(tmp_path / "x", *flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_counts_in_the_config_are_named_by_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("seed: 1\nn: 0\n")
+    with pytest.raises(SystemExit):
+        _gen(tmp_path / "x", "--config", str(tmp_path / "c.yaml"))
+    assert f"{tmp_path / 'c.yaml'}:2: n: must be an integer >= 1, got 0" in capsys.readouterr().err

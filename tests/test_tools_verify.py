@@ -143,3 +143,14 @@ def test_cli_fails_the_gate_and_writes_the_report(clean, tmp_path, capsys):
     assert "**FAIL**" in (tmp_path / "rep" / "toolverify.md").read_text()
     with pytest.raises(SystemExit):
         toolverify.main([str(tmp_path / "d"), "--gates", "no_such_gate=1"])
+
+
+def test_cli_refuses_a_file_of_other_records_naming_file_line_and_field(clean, tmp_path, capsys):
+    path = tmp_path / "kd.jsonl"
+    write_jsonl(path, [clean[0], {"text": "def f(): pass"}])
+    with pytest.raises(SystemExit) as e:
+        toolverify.main([str(path), "--tokenizer", str(ROOT / "models/smollm2-135m-instruct")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1] + "\n" == (f"error: {path}:2: not a tool-use trace record (no 'messages' "
+                                         "field; a record is an object with a 'messages' list)\n") and "Traceback" not in err
+    assert not (tmp_path / "toolverify.json").exists()

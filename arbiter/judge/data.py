@@ -34,6 +34,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from mlx_student import run_settings
 from mlx_student.config import ConfigError, apply_config
 from mlx_student.files import atomic_dir
 from mlx_student.teacher.default import DEFAULT_TEACHER_DIR
@@ -88,7 +89,9 @@ def build_parser():
     add("--kd", "KD record files or folders ({train,valid,test}.jsonl with messages and "
         "completion); repeat for more", action="append")
     add("--kd-pairs", "corruption pairs at most, from the KD records", type=int)
-    add("--import", "seed pair rows {id, prompt, a, b, winner} (jsonl); repeat for more",
+    add("--import", "seed pair rows (jsonl) {id, prompt, a, b, winner: a|b|tie}, a and b each "
+        "{text, clauses}: clauses the list of CAWS clause names the candidate honours (or "
+        "{name: 0|1} for all five); repeat for more",
         dest="imports", action="append")
     add("--tie-fraction", "share of generated pairs that are ties", type=float)
     add("--valid-fraction", "share of prompts in valid.jsonl (by prompt hash)", type=float)
@@ -235,8 +238,27 @@ def _stats(values):
     return {"min": v[0], "p50": q(0.5), "p95": q(0.95), "max": v[-1], "mean": round(sum(v) / len(v), 1)}
 
 
+RULES = {**{k: run_settings.integer(0) for k in ("num_pairs", "kd_pairs", "seed")},
+         "max_tokens": run_settings.integer(1),
+         "tie_fraction": run_settings.number(lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+         **{k: run_settings.number(lambda x: 0 <= x < 1, "a number in [0, 1)")
+            for k in ("valid_fraction", "test_fraction")}}
+
+
+def check(args, lines: dict, given: set):
+    """Raise ConfigError listing every bad setting where it was set (flag or FILE:LINE)."""
+    found = run_settings.problems(args, RULES)
+    if not found and args.valid_fraction + args.test_fraction >= 1:
+        found.append(("test_fraction", f"{args.test_fraction} with valid_fraction "
+                      f"{args.valid_fraction} leaves no prompt for train.jsonl (their sum must "
+                      "be < 1)"))
+    run_settings.raise_problems(found, args.config, lines, given)
+
+
 def run(args) -> dict:
-    apply_config(args, CONFIG_DEFAULTS)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
+    _, lines = apply_config(args, CONFIG_DEFAULTS)
+    check(args, lines, given)
     args.kd, args.imports = ([x] if isinstance(x, str) else x for x in (args.kd, args.imports))
     tok = None
     if args.tokenizer:
@@ -263,6 +285,10 @@ def run(args) -> dict:
         phash = hashlib.sha256(row["prompt"].encode()).hexdigest()
         kept[split_of(phash, args.valid_fraction, args.test_fraction)].append(row)
     all_rows = [r for s in SPLITS for r in kept[s]]
+    if not all_rows:
+        raise DataError(f"no pair rows to write: --num-pairs {args.num_pairs}, and --kd / "
+                        f"--import gave {len(rows) - args.num_pairs}"
+                        + (f"; {dropped} dropped over --max-tokens {args.max_tokens}" if dropped else ""))
     count = lambda key: {k: sum(r[key] == k for r in all_rows) for k in sorted({r[key] for r in all_rows})}
     manifest = {
         "rows": {s: len(kept[s]) for s in SPLITS}, "duplicate_ids_dropped": duplicates,

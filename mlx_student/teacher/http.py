@@ -37,7 +37,13 @@ MAX_LOGPROB = 1e-4
 
 
 class TeacherError(RuntimeError):
-    """A request that failed for good: a non-retryable status, or every retry failed."""
+    """A request that failed for good: a non-retryable status, or every retry failed. `kind`
+    says how, for counting: 'HTTP <status>', the transport error's class name (ConnectError,
+    ReadTimeout, ...), 'malformed response', or 'setup'."""
+
+    def __init__(self, message: str, kind: str = "setup"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class AlignmentError(ValueError):
@@ -188,19 +194,21 @@ class HTTPTeacher:
                 async with self.semaphore:
                     response = await self.client.post(self.endpoint, json=body)
             except httpx.TransportError as e:  # connect/read errors, timeouts, dropped bodies
-                error = f"{type(e).__name__}: {e}"
+                kind, error = type(e).__name__, f"{type(e).__name__}: {e}"
             else:
                 status = response.status_code
                 if status == 200:
                     try:
                         return parse_response(response.json())
                     except (ValueError, KeyError, IndexError, TypeError) as e:
+                        kind = "malformed response"
                         error = f"malformed response body ({type(e).__name__}: {e})"
                 elif status in RETRY_STATUS or status >= 500:
-                    error = f"HTTP {status}: {response.text[:200]}"
+                    kind, error = f"HTTP {status}", f"HTTP {status}: {response.text[:200]}"
                     wait = retry_after(response)
                 else:
-                    raise TeacherError(f"{self.endpoint}: HTTP {status}: {response.text[:500]}")
+                    raise TeacherError(f"{self.endpoint}: HTTP {status}: {response.text[:500]}",
+                                       f"HTTP {status}")
             if attempt == a.max_retries:
                 break
             if wait is None:  # exponential backoff with full jitter
@@ -208,7 +216,7 @@ class HTTPTeacher:
             self.retries += 1
             await asyncio.sleep(min(wait, a.max_backoff))
         raise TeacherError(
-            f"{self.endpoint}: failed after {a.max_retries + 1} attempts; last: {error}"
+            f"{self.endpoint}: failed after {a.max_retries + 1} attempts; last: {error}", kind
         )
 
     async def aclose(self):

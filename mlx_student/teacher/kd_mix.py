@@ -324,8 +324,8 @@ def run(args):
         todo = [j for j in jobs if j.id not in done]
         print(f"{len(jobs)} planned, {len(jobs) - len(todo)} already in {out}, {len(todo)} to make "
               f"({kd} KD: {note})")
-        stats = {"written": 0, "tokens": 0, "failures": 0, "first_failures": [], "aligned": 0,
-                 "mismatched": 0, "first_mismatches": [], "no_logprobs": 0}
+        stats = {"written": 0, "tokens": 0, "failures": 0, "failure_kinds": {}, "first_failures": [],
+                 "aligned": 0, "mismatched": 0, "first_mismatches": [], "no_logprobs": 0}
         fds = {s: os.open(out / f"{s}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                for s in SPLITS}
         stack.callback(lambda: [os.close(fd) for fd in fds.values()])
@@ -355,6 +355,8 @@ def run(args):
         def handle(job, completion, error):
             if error is not None:
                 stats["failures"] += 1
+                kinds = stats["failure_kinds"]
+                kinds[error.kind] = kinds.get(error.kind, 0) + 1
                 stats["first_failures"] = stats["first_failures"][:4] + [f"{job.origin}: {error}"]
             else:
                 record = make_record(job, completion, teacher_block, kd, student, stats)
@@ -385,6 +387,9 @@ def run(args):
           f"records, {last['records_per_s']:.3f} records/s, {last['tokens_per_s']:.1f} tokens/s, "
           f"{last['failures']} failures, {last['retries']} retries, "
           f"{last['mismatched']} alignment mismatches")
+    if last["failures"]:
+        print("failures by kind: " + ", ".join(f"{k} x{n}" for k, n in last["failure_kinds"].items())
+              + f"; the first: {last['first_failures'][0]} (more in {manifest_path})", file=sys.stderr)
     return result
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
+from .. import run_settings
 from ..config import ConfigError, apply_config
 from ..files import atomic_dir
 from ..teacher.default import DEFAULT_TEACHER_DIR
@@ -278,9 +279,18 @@ def merge(args):
     return manifest
 
 
+RULES = {**{k: run_settings.integer(1) for k in ("n", "num_shards", "teacher_max_tokens",
+                                                  "concurrency")},
+         **{k: run_settings.integer(0) for k in ("seed", "teacher_limit")}}
+
+
 def parse_args(argv=None):
+    """Flags over the config file over CONFIG_DEFAULTS, each checked (ConfigError listing every
+    bad setting where it was set: --flag or FILE:LINE)."""
     args = build_parser().parse_args(argv)
-    apply_config(args, CONFIG_DEFAULTS)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
+    _, lines = apply_config(args, CONFIG_DEFAULTS)
+    run_settings.raise_problems(run_settings.problems(args, RULES), args.config, lines, given)
     if not 0 <= args.shard < args.num_shards:
         raise ConfigError(f"--shard {args.shard} must be in [0, {args.num_shards})")
     return args

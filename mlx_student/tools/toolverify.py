@@ -220,6 +220,13 @@ def verify(paths, tokenizer, gates=None, batch=64):
                 except ValueError as e:
                     totals.setdefault("parse", [0, 0])[1] += 1
                     examples.setdefault("parse", []).append(f"{path}:{lineno}: invalid JSON: {e}")
+            for lineno, r in chunk:  # not a trace record at all: the wrong file, refused
+                if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
+                    got = (f"got {type(r).__name__}" if not isinstance(r, dict) else
+                           "no 'messages' field" if "messages" not in r else
+                           f"'messages' is {type(r['messages']).__name__}, not a list")
+                    raise ValueError(f"{path}:{lineno}: not a tool-use trace record ({got}; "
+                                     "a record is an object with a 'messages' list)")
             texts = []
             for _, r in chunk:
                 try:
