@@ -59,6 +59,17 @@ def train_argv(tmp_path, data, *flags, loss=None):
             "--learning-rate", "3e-3", "--warmup", "2", *flags]
 
 
+@pytest.fixture(scope="session")
+def server(teacher_dir, tmp_path_factory):
+    """A real mlx_lm.server serving the default teacher on loopback (mlx_student.teacher.server),
+    started once for every test that talks to it; stopped at the end of the session."""
+    from mlx_student.teacher import server as teacher_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with teacher_server.serve(teacher_dir, log_path=log) as s:
+        yield s
+
+
 PEAKED_NORM_SCALE = 4.0  # random init gives near-uniform next-token distributions (top-1 p
 # ~2e-4), where top-1 is a coin toss between near-ties; a larger final norm scale (a lower
 # softmax temperature) gives a peaked head and a long tail, like a trained model's.
