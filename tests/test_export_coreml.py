@@ -11,8 +11,7 @@ import pytest
 
 from export import cli
 from export.compress import Compression, compress
-from export.convert import (FunctionSpec, convert_function, describe, load_program,
-                            package_bytes, save_multifunction)
+from export.convert import describe, load_program, package_bytes, save_multifunction
 from export.mirror import load_mirror
 from mlx_student import model as student_model
 from mlx_student.config import load_config
@@ -141,20 +140,15 @@ def test_manifest(exported, student_dir):
     assert parity["top1_agreement"] == 1.0
 
 
-@pytest.fixture(scope="module")
-def decode_fp16(student_dir):
-    mirror = load_mirror(student_dir)
-    return convert_function(mirror, FunctionSpec("decode_ctx128", "decode", 1, 128))
-
-
 @pytest.mark.parametrize("weights,embedding,op_type,limit", [
     ("int4", "int4", "constexpr_blockwise_shift_scale", 0.6),
     ("lut4", "lut4", "constexpr_lut_to_dense", 0.6),
     ("int8", "fp16", "constexpr_blockwise_shift_scale", 2.0),
 ])
-def test_four_bit_and_separate_embedding_precision(decode_fp16, tmp_path, tiny_config,
+def test_four_bit_and_separate_embedding_precision(tiny_coreml, tmp_path, tiny_config,
                                                    weights, embedding, op_type, limit):
-    model = compress(decode_fp16, Compression(weights=weights, embedding=embedding))
+    """The shared fp16 conversion (conftest) compressed to each format, saved and re-read."""
+    model = compress(tiny_coreml[0]["decode_ctx128"], Compression(weights=weights, embedding=embedding))
     pkg = save_multifunction({"decode": model}, tmp_path / "m.mlpackage", "decode")
     per_param = package_bytes(pkg) / parameters(tiny_config)["total"]
     print(f"{weights}/{embedding}: {per_param:.3f} bytes/param")

@@ -13,10 +13,9 @@ from conftest import save_tiny  # noqa: E402
 
 from export import cli  # noqa: E402
 from export.compress import Compression, compress, read_storage  # noqa: E402
-from export.convert import FunctionSpec, convert_function, save_multifunction  # noqa: E402
-from export.mirror import load_mirror  # noqa: E402
+from export.convert import save_multifunction  # noqa: E402
 
-DECODE = FunctionSpec("decode_ctx128", "decode", 1, 128)
+DECODE = "decode_ctx128"
 PROJECTIONS = 2 * 7  # the tiny student: 2 layers x q, k, v, o, gate, up, down
 ROWS = {128, 64, 256}  # output channels of its projections (q/o/down, k/v, gate/up)
 
@@ -27,12 +26,13 @@ def student(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def decode(student):
-    return convert_function(load_mirror(student), DECODE)
+def decode(tiny_coreml):
+    """The shared fp16 conversion of the tiny student's decode_ctx128 (conftest)."""
+    return tiny_coreml[0][DECODE]
 
 
 def saved(decode, comp, path):
-    return save_multifunction({DECODE.name: compress(decode, comp)}, path, DECODE.name)
+    return save_multifunction({DECODE: compress(decode, comp)}, path, DECODE)
 
 
 def test_each_format_is_read_from_the_saved_program(decode, tmp_path):

@@ -206,16 +206,22 @@ def test_import_seed_rows(tmp_path):
         data.import_rows([seed])
 
 
-def test_cli_errors_name_the_problem(tmp_path):
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    """Each bad input ends with exit 2 and one message, no traceback, nothing written: the first
+    through the real `python -m` entry point, the others through the same main() in process."""
     kd = tmp_path / "kd.jsonl"
     kd.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}], "completion": ""}) + "\n")
-    for argv, msg in [(["--tokenizer", str(tmp_path)], "tokenizer.json not found"),
-                      (["--kd", str(kd), "--tokenizer", ""], "kd.jsonl:1: completion: expected a non-empty string"),
+    common = ["--num-pairs", "6", "--out", str(tmp_path / "out")]
+    r = subprocess.run([sys.executable, "-m", "arbiter.judge.data", *common, "--tokenizer",
+                        str(tmp_path)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "tokenizer.json not found" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    for argv, msg in [(["--kd", str(kd), "--tokenizer", ""], "kd.jsonl:1: completion: expected a non-empty string"),
                       (["--source", str(tmp_path), "--tokenizer", ""], "--source: ")]:
-        r = subprocess.run([sys.executable, "-m", "arbiter.judge.data", "--num-pairs", "6",
-                            "--out", str(tmp_path / "out"), *argv], capture_output=True, text=True,
-                           check=False)
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as e:
+            data.main(common + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and msg in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -122,7 +122,9 @@ def test_kd_target_is_the_teachers_preference_kept_for_resume(tmp_path, teacher_
     assert [prefs[r["id"]] for r in rows[:1]] == pytest.approx(both.tolist(), abs=1e-5)
 
 
-def test_cli_refuses_a_malformed_row_and_an_unknown_setting(tmp_path, pairs):
+def test_cli_refuses_a_malformed_row_and_an_unknown_setting(tmp_path, pairs, capsys):
+    """Through main() in process (test_killed_run_resumes_with_the_same_losses runs the real
+    `python -m arbiter.judge.train`): exit 2, the file, line and field, nothing written."""
     bad = tmp_path / "bad"
     bad.mkdir()
     rows = (pairs / "train.jsonl").read_text().splitlines()
@@ -130,17 +132,19 @@ def test_cli_refuses_a_malformed_row_and_an_unknown_setting(tmp_path, pairs):
     del broken["b"]["text"]
     (bad / "train.jsonl").write_text("\n".join([rows[0], rows[1], json.dumps(broken)]) + "\n")
     cfg = config_file(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "arbiter.judge.train", "--config", str(cfg),
-                        "--data", str(bad), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{bad}/train.jsonl:3: $.b: 'text' is a required property (rule: required)" in r.stderr
+
+    def refused(argv):
+        with pytest.raises(SystemExit) as e:
+            judge_train.main(["--config", str(cfg), "--data", str(bad), *argv])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused(["--out", str(tmp_path / "o")])
+    assert f"{bad}/train.jsonl:3: $.b: 'text' is a required property (rule: required)" in err
     assert not (tmp_path / "o").exists()
     cfg.write_text(cfg.read_text() + "  lerning_rate: 1\n")
-    r = subprocess.run([sys.executable, "-m", "arbiter.judge.train", "--config", str(cfg),
-                        "--data", str(bad)], capture_output=True, text=True, timeout=300)
     line = cfg.read_text().splitlines().index("  lerning_rate: 1") + 1
-    assert r.returncode == 2 and f"{cfg}:{line}: judge.lerning_rate: unknown judge setting" in r.stderr
+    assert f"{cfg}:{line}: judge.lerning_rate: unknown judge setting" in refused([])
 
 
 def test_run_says_how_many_candidates_max_length_cuts(tmp_path, tokenizer, capsys):

@@ -15,7 +15,7 @@ import yaml
 from mlx_student.teacher import kd_mix
 from mlx_student.config import ConfigError
 from mlx_student.data import load_jsonl
-from test_teacher import FaultProxy, server  # noqa: F401  (the module's real mlx_lm.server)
+from test_teacher import FaultProxy
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = ["Count from 1 to 4.", "Name two fruits.", "What is 3+3?", "Say hi in Spanish.",
@@ -33,7 +33,7 @@ def prompt_file(tmp_path_factory):
 
 
 @pytest.fixture
-def proxy(server):  # noqa: F811
+def proxy(server):  # conftest's real mlx_lm.server
     p = FaultProxy(server.url)
     yield p
     p.close()
@@ -135,7 +135,7 @@ def test_faults_lose_and_duplicate_nothing(tmp_path, proxy, teacher_dir, tokeniz
 
 
 def test_unknown_teacher_tokenizer_falls_back_to_sequence_level(
-        tmp_path, server, teacher_dir, tokenizer, prompt_file):  # noqa: F811
+        tmp_path, server, teacher_dir, tokenizer, prompt_file):
     config = write_config(tmp_path, teacher_dir, prompt_file, server.url,
                           teacher_tokenizer=None, num_records=2)
     manifest = kd_mix.run(kd_mix.parse_args(["--config", str(config)]))

@@ -424,25 +424,17 @@ def test_bad_inputs_and_failing_ops_are_named(tmp_path):
 
 
 # ---------------------------------------------------------------- the tiny student, end to end
-def test_tiny_student_prefill_and_decode_match_the_mirror(tmp_path, tokenizer):
-    """export/convert.py's fp16 package of the tiny student vs its fp32 PyTorch mirror: prefill
-    16 tokens, then 16 decode steps through the fp16 KV-cache state."""
+def test_tiny_student_prefill_and_decode_match_the_mirror(peaked_tiny, tiny_coreml):
+    """export/convert.py's fp16 package of the tiny student (conftest's shared conversion) vs
+    its fp32 PyTorch mirror: prefill 16 tokens, then 16 decode steps through the fp16 KV-cache
+    state."""
     import time
-    from pathlib import Path
 
-    from export.convert import FunctionSpec, convert_function, save_multifunction
     from export.mirror import load_mirror
-    from mlx_student.config import load_config
 
-    from conftest import save_tiny
-
-    folder = save_tiny(tmp_path / "tiny", tokenizer, seed=4)
-    config = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml")
-    mirror = load_mirror(folder)
-    specs = [FunctionSpec("decode_ctx128", "decode", 1, 128),
-             FunctionSpec("prefill_16_ctx128", "prefill", 16, 128)]
-    path = save_multifunction({s.name: convert_function(mirror, s) for s in specs},
-                              tmp_path / "tiny.mlpackage", "decode_ctx128")
+    mirror = load_mirror(peaked_tiny)
+    config = mirror.config
+    path = tiny_coreml[1]
     prefill = mil_executor.load(path, "prefill_16_ctx128")
     decode = mil_executor.load(path, "decode_ctx128")
     state = prefill.make_state()

@@ -236,14 +236,20 @@ def mlx_name(mirror_name, layers):
     return None
 
 
-def exported_weights(folder, tmp_path, compression, qat=None):
+def converted_decode(folder):
+    """(mirror, its decode function at context 128 converted by coremltools, uncompressed)."""
+    mirror = load_mirror(folder)
+    return mirror, convert_function(mirror, FunctionSpec("decode", "decode", 1, 128))
+
+
+def exported_weights(folder, tmp_path, compression, qat=None, converted=None):
     """{checkpoint weight name: (dequantized weight, integers)} read back from a saved
     one-function package by the reference MIL executor (constexpr ops materialized at load);
-    with `qat` the export takes the checkpoint's integers (export.compress.exact_weights)."""
-    mirror = load_mirror(folder)
+    with `qat` the export takes the checkpoint's integers (export.compress.exact_weights).
+    `converted`: the folder's `converted_decode`, when the caller compresses it more than once."""
+    mirror, decode = converted or converted_decode(folder)
     exact = exact_weights(folder, qat, mirror.offsets) if qat else None
-    model = compress(convert_function(mirror, FunctionSpec("decode", "decode", 1, 128)),
-                     compression, exact)
+    model = compress(decode, compression, exact)
     pkg = save_multifunction({"decode": model}, tmp_path / "m.mlpackage", "decode")
     program = mil_executor.load(pkg, "decode")
     found, chunks = {}, {}
@@ -296,7 +302,8 @@ def test_exact_hand_off_of_learned_scales_to_the_int4_export(tiny_config, tokeni
                                     extra={SIDECAR: scales(model, qat)})
     comp = Compression(**cli.qat_compression(dataclasses.asdict(Compression()), config.qat))
     assert (comp.weights, comp.block_size, comp.embedding) == ("int4", 32, "int8")
-    exported = exported_weights(folder, tmp_path, comp, config.qat)
+    converted = converted_decode(folder)
+    exported = exported_weights(folder, tmp_path, comp, config.qat, converted)
     saved = mx.load(str(folder / "model.safetensors"))
     check_hand_off(exported, saved, mx.load(str(folder / SIDECAR)), 4, 32,
                    skip=("model.embed_tokens.weight",))
@@ -304,7 +311,8 @@ def test_exact_hand_off_of_learned_scales_to_the_int4_export(tiny_config, tokeni
     assert (np.abs(ints) == 7).mean() > 0.05  # clipped to the grid's end
     # Without the checkpoint's scales coremltools re-derives them, and the weights move.
     (tmp_path / "d").mkdir()
-    derived = exported_weights(folder, tmp_path / "d", comp)["model.layers.0.mlp.up_proj.weight"]
+    derived = exported_weights(folder, tmp_path / "d", comp, converted=converted)[
+        "model.layers.0.mlp.up_proj.weight"]
     w = np.array(saved["model.layers.0.mlp.up_proj.weight"]).astype(np.float16)
     assert not np.array_equal(derived[0].astype(np.float16), w)
 

@@ -1,7 +1,5 @@
 """The CoreML engine (reference MIL executor on Linux) against the MLX engine on the same model."""
 
-from pathlib import Path
-
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -9,29 +7,11 @@ import pytest
 from runtime.coreml_engine import CoreMLEngine
 from runtime.generate import GenerationParams, MLXEngine, chat_prompt, generate
 
-ROOT = Path(__file__).parent.parent
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer):
-    """A tiny student (final norm x4, so its next-token choices are not near-ties) and its fp16
-    package with a 16-token prefill and a decode at context 128."""
-    from export.convert import FunctionSpec, convert_function, save_multifunction
-    from export.mirror import load_mirror
-    from mlx_student import model as student_model
-    from mlx_student.config import load_config
-
-    config = load_config(ROOT / "configs" / "tiny.yaml")
-    model = student_model.build(config, seed=3)
-    model.model.norm.weight = model.model.norm.weight * 4
-    root = tmp_path_factory.mktemp("coreml")
-    folder = student_model.save(root / "tiny", model, config, tokenizer)
-    mirror = load_mirror(folder)
-    specs = [FunctionSpec("decode_ctx128", "decode", 1, 128),
-             FunctionSpec("prefill_16_ctx128", "prefill", 16, 128)]
-    package = save_multifunction({s.name: convert_function(mirror, s) for s in specs},
-                                 root / "tiny.mlpackage", "decode_ctx128")
-    return folder, package
+def exported(peaked_tiny, tiny_coreml):
+    """The peaked tiny student (conftest: final norm x4, so its next-token choices are not
+    near-ties) and its fp16 package with a 16-token prefill and a decode at context 128."""
+    return peaked_tiny, tiny_coreml[1]
 
 
 def test_coreml_engine_greedy_matches_the_mlx_engine_in_fp16(exported):

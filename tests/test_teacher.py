@@ -1,4 +1,5 @@
-"""The HTTP teacher against a real mlx_lm.server on loopback (the default teacher, fp32).
+"""The HTTP teacher against a real mlx_lm.server on loopback (the default teacher, fp32;
+conftest's `server`).
 
 Faults a real server cannot be made to produce come from `FaultProxy`, a thin HTTP proxy in
 front of the real server that answers scripted requests with 500, 429 + Retry-After, a
@@ -19,13 +20,6 @@ from mlx_student.teacher.http import (
 )
 
 MESSAGES = [{"role": "user", "content": "Name three colors."}]
-
-
-@pytest.fixture(scope="module")
-def server(teacher_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with teacher_server.serve(teacher_dir, log_path=log) as s:
-        yield s
 
 
 class FaultProxy:

@@ -65,18 +65,18 @@ def test_learning_rate_schedule():
     assert lr(100).item() == pytest.approx(1e-4, rel=1e-3)
 
 
-def test_cli_reports_bad_settings_with_file_and_line(tmp_path):
+def test_cli_reports_bad_settings_with_file_and_line(tmp_path, capsys):
+    """(In process: test_run_settings_are_checked_at_load_and_listed_together and test_trainer
+    run the real `python -m mlx_student.train`.)"""
     config = tmp_path / "run.yaml"
     text = (ROOT / "configs/tiny.yaml").read_text() + "batchsize: 4\n"
     config.write_text(text)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_student.train", "--config", str(config)],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert proc.returncode == 2
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
     line = len(text.splitlines())
-    assert f"{config}:{line}: batchsize: unknown run setting" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert f"{config}:{line}: batchsize: unknown run setting" in err
 
 
 def test_run_settings_are_checked_at_load_and_listed_together(tmp_path, kd_data, capsys):
