@@ -47,13 +47,17 @@ def _masked_mean(per_token, mask, weights=None):
     return total / mx.maximum(mask.sum(), 1.0)
 
 
-def _log_softmax(logits, temperature=1.0):
+def log_softmax(logits, temperature=1.0):
+    """Log-probabilities ``(..., V)`` float32 of ``logits`` ``(..., V)`` softened by
+    ``temperature``: ``x / T - logsumexp(x / T)`` over the last axis."""
     x = logits.astype(mx.float32) / temperature
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def _kl(log_p, log_q):
-    """sum_v p * (log p - log q) over the last axis, with 0 * log 0 = 0."""
+def kl_divergence(log_p, log_q):
+    """``KL(p || q) = sum_v p (log p - log q)`` over the last axis of log-probabilities
+    ``(..., V)`` (e.g. from ``log_softmax``), with ``0 log 0 = 0``; shape ``(...)``, nats, per
+    position (no mask, no mean: the dense losses above average it)."""
     p = mx.exp(log_p)
     return mx.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=-1)
 
@@ -82,17 +86,17 @@ def forward_kl(logits, teacher_logits, mask, temperature=1.0, weights=None):
     gradient magnitudes comparable across temperatures.
     """
     _check_temperature(temperature)
-    log_p = _log_softmax(teacher_logits, temperature)
-    log_q = _log_softmax(logits, temperature)
-    return temperature**2 * _masked_mean(_kl(log_p, log_q), mask, weights)
+    log_p = log_softmax(teacher_logits, temperature)
+    log_q = log_softmax(logits, temperature)
+    return temperature**2 * _masked_mean(kl_divergence(log_p, log_q), mask, weights)
 
 
 def reverse_kl(logits, teacher_logits, mask, temperature=1.0, weights=None):
     """``T^2 * KL(p_student^T || p_teacher^T)`` (mode-seeking)."""
     _check_temperature(temperature)
-    log_p = _log_softmax(teacher_logits, temperature)
-    log_q = _log_softmax(logits, temperature)
-    return temperature**2 * _masked_mean(_kl(log_q, log_p), mask, weights)
+    log_p = log_softmax(teacher_logits, temperature)
+    log_q = log_softmax(logits, temperature)
+    return temperature**2 * _masked_mean(kl_divergence(log_q, log_p), mask, weights)
 
 
 def jsd(logits, teacher_logits, mask, beta=0.5, temperature=1.0, weights=None):
@@ -109,10 +113,10 @@ def jsd(logits, teacher_logits, mask, beta=0.5, temperature=1.0, weights=None):
     if not 0 < beta < 1:
         raise ValueError(f"jsd beta must be in (0, 1) exclusive, got {beta}.")
     _check_temperature(temperature)
-    log_p = _log_softmax(teacher_logits, temperature)
-    log_q = _log_softmax(logits, temperature)
+    log_p = log_softmax(teacher_logits, temperature)
+    log_q = log_softmax(logits, temperature)
     log_m = mx.logaddexp(math.log(beta) + log_p, math.log(1 - beta) + log_q)
-    per_token = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    per_token = beta * kl_divergence(log_p, log_m) + (1 - beta) * kl_divergence(log_q, log_m)
     return temperature**2 * _masked_mean(per_token, mask, weights)
 
 

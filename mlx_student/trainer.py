@@ -285,9 +285,11 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
             sums = mx.distributed.all_sum(sums, stream=mx.cpu)
         mx.eval(state, grad_norm, sums)
         parts = dict(zip(names, (sums / totals).tolist()))
-        tokens += batch["mask"].sum().item()
+        step_tokens = batch["mask"].sum().item()
+        tokens += step_tokens
         record = {
             "step": it,
+            "tokens": int(step_tokens),  # loss (mask) tokens of the step's batch
             "loss": sum(args.loss[n] * parts[n] for n in names),
             **parts,
             "grad_norm": grad_norm.item(),

@@ -14,7 +14,7 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from mlx_student.losses import _kl, _log_softmax
+from mlx_student.losses import kl_divergence, log_softmax
 
 STATS = ("kl", "ce", "top1_agree")
 
@@ -27,12 +27,12 @@ def sequence_stats(models: dict, teacher, batches) -> dict:
     for inputs in batches:
         inputs = mx.array(inputs)
         x, y = inputs[:, :-1], inputs[:, 1:]
-        ref = _log_softmax(teacher(x))
+        ref = log_softmax(teacher(x))
         ref_top = mx.argmax(ref, axis=-1)
         mx.eval(ref, ref_top)
         for name, model in [*models.items(), ("teacher", None)]:
-            logq = ref if model is None else _log_softmax(model(x))
-            kl = _kl(ref, logq).sum(axis=1)
+            logq = ref if model is None else log_softmax(model(x))
+            kl = kl_divergence(ref, logq).sum(axis=1)
             ce = -mx.take_along_axis(logq, y[..., None], axis=-1).squeeze(-1).sum(axis=1)
             agree = (mx.argmax(logq, axis=-1) == ref_top).sum(axis=1)
             rows = mx.stack([kl, ce, agree.astype(mx.float32),
@@ -87,7 +87,7 @@ def next_line_correct(model, items, items_per_batch=8) -> np.ndarray:
             tokens[j, : len(ctx) + len(c)] = ctx + c
             mask[j, len(ctx) - 1 : len(ctx) + len(c) - 1] = 1
         tokens = mx.array(tokens)
-        logq = _log_softmax(model(tokens[:, :-1]))
+        logq = log_softmax(model(tokens[:, :-1]))
         ll = mx.take_along_axis(logq, tokens[:, 1:, None], axis=-1).squeeze(-1)
         mean = np.array((ll * mx.array(mask)).sum(axis=1)) / mask.sum(axis=1)
         per_item = mean.reshape(len(chunk), -1)

@@ -20,3 +20,13 @@ def package_dir(run_dir: Path, fmt: str) -> Path:
 def probe_dir(run_dir: Path, fmt: str) -> Path:
     """Beside the package folder, not in it: the package is the probe stage's input."""
     return Path(run_dir) / "probe" / fmt
+
+
+def scored_dir(s: dict) -> Path:
+    """The natural text scored by the teacher (mlx_student.score's output folder)."""
+    return Path(f"data/scored_{s['name']}")
+
+
+def train_data_dir(s: dict) -> Path:
+    """The arms' data folder: scored natural text and the teacher's completions together."""
+    return Path(f"data/train_{s['name']}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx_student.files import write_json_atomic
 
-from .paths import kd_dir, package_dir, probe_dir
+from .paths import kd_dir, package_dir, probe_dir, scored_dir, train_data_dir
 
 GOAL_POINTS = 5.0  # the best KD arm should beat the control by this many points of top-1
 GOAL_GAP = 0.5  # the best student should close this share of the CE gap from init to teacher
@@ -139,10 +139,16 @@ def build(run_dir: Path, s: dict) -> Doc:
     kd_cfg = _read(run_dir / "pruned" / "config.json")
     prune = _read(run_dir / "pruned" / "prune_report.json")
     d.h(1, f"KD pilot `{s['name']}`")
-    d.p(f"Config `{s['config']}`; stages and seconds from `{run_dir / 'pilot_log.json'}` "
-        f"(skipped = up to date from an earlier run): " + ", ".join(
-            f"{st['stage']} {st['seconds']:.0f} s{' (skipped)' if st['skipped'] else ''}"
-            for st in log["stages"]) + f"; total this run {log['seconds']:.0f} s.")
+    d.p(f"Config `{s['config']}`, seed {s['seed']}; stages from `{run_dir / 'pilot_log.json'}` "
+        "(wall seconds; CPU seconds, user + system of the pilot and its children: on a shared "
+        "machine the wall time measures the load, the CPU time the work; skipped = up to date "
+        "from an earlier run):")
+    cpu = [st.get("cpu_seconds") for st in log["stages"]]
+    d.table(["stage", "wall s", "CPU s"], [
+        [st["stage"] + (" (skipped)" if st["skipped"] else ""), f"{st['seconds']:.0f}",
+         _f(c, ".0f") if c is not None else "-"] for st, c in zip(log["stages"], cpu)]
+        + [["total", f"{sum(st['seconds'] for st in log['stages']):.0f}",
+            f"{sum(c for c in cpu if c is not None):.0f}"]])
 
     # ---- config and sizes
     d.h(2, "Student and run settings")
@@ -203,8 +209,34 @@ def build(run_dir: Path, s: dict) -> Doc:
         + f" (`{kd_data}/*.jsonl`; a folder grown by earlier runs of other sizes keeps their "
         "records, and the students train on every record in it).")
 
+    # ---- the arms' training data
+    d.h(2, "Training data (every arm)")
+    td = _read(train_data_dir(s) / "manifest.json")
+    sc = _read(scored_dir(s) / "manifest.json")
+    natural = _read(run_dir / "natural" / "sources.json")
+    d.p(f"`{train_data_dir(s)}`: natural text scored by the teacher (teacher forcing, "
+        f"`{scored_dir(s)}`: exact top-{sc['top_k']}"
+        + (f" and {sc['samples']} sampled ids" if sc["samples"] else "")
+        + f" per token, windows of {sc['max_seq_length']} targets) and the teacher's completions "
+        f"above, each split concatenated; records and target tokens read back from the files "
+        f"(`{train_data_dir(s) / 'manifest.json'}`).")
+    d.table(["split", "source", "records", "target tokens"],
+            [[sp, src, c["records"], c["target_tokens"]] for sp, by in td["splits"].items()
+             for src, c in by.items()])
+    d.p("Natural text: passages drawn in a seeded order from " + "; ".join(
+        f"`{src}` ({g['train']['passages']} train passages, {g['train']['tokens']} tokens; "
+        f"{g['valid']['passages']} valid, {g['valid']['tokens']} tokens)"
+        for src, g in natural.items()) + f" (`{run_dir / 'natural' / 'sources.json'}`), every "
+        "source checked disjoint from the held-out files by path and content.")
+
     # ---- KD evidence
     d.h(2, "KD evidence: arms from the same init vs the control")
+    train_tokens = sum(c["target_tokens"] for c in td["splits"]["train"].values())
+    seen = {a: _metrics(run_dir / a / "metrics.jsonl") for a in s["arms"]}
+    d.table(["arm", "loss", "steps", "loss tokens seen", "epochs of the train split"],
+            [[f"`{a}`", json.dumps(s["arms"][a]), len(rows), sum(r["tokens"] for r in rows),
+              _f(sum(r["tokens"] for r in rows) / max(train_tokens, 1), ".2f")]
+             for a, rows in seen.items()])
     m = ev["models"]
 
     def ci(x, fmt=_f, scale=1.0):
@@ -232,10 +264,10 @@ def build(run_dir: Path, s: dict) -> Doc:
         f"{ev['items']} lines of `{ev['next_line_file']}` among {ev['candidates'] - 1} "
         f"distractors from other files, by mean token log-likelihood after the code above "
         f"(its modules may appear in KD prompts, never as training targets). Intervals: "
-        f"{ev['resamples']} bootstrap resamples (`{run_dir / 'eval.json'}`). Every arm: same "
-        "init, records, steps, batches and seed.")
+        f"{ev['resamples']} bootstrap resamples, seed {s['seed']} (`{run_dir / 'eval.json'}`). "
+        "Every arm: same init, records, steps, batches and seed.")
     curves = run_dir / "report_files" / "loss_curves.png"
-    plot_curves({a: _metrics(run_dir / a / "metrics.jsonl") for a in s["arms"]}, curves)
+    plot_curves(seen, curves)
     d.image(curves, "training curves of every arm")
 
     # ---- export, parity, headroom

@@ -1,28 +1,27 @@
-"""The KD pilot end to end: default teacher -> KD mix -> a student pruned from the teacher ->
-arms trained from that same init (a CE control, offline top-k KD, dense in-process KD) ->
-held-out evaluation with bootstrap intervals -> fp16/int8 CoreML packages of the best arm ->
-parity probes -> bench -> report.
+"""The KD pilot end to end: default teacher -> KD mix + natural text scored by the teacher ->
+a student pruned from the teacher -> arms trained from that same init on the same tokens (a CE
+control, offline top-k KD, dense in-process KD) -> held-out evaluation with bootstrap
+intervals -> fp16/int8 CoreML packages of the best arm -> parity probes -> bench -> report.
 
-    mlx_student.pilot --config configs/pilot.yaml [--quick] [--force STAGE ...] [--name NAME]
+    mlx_student.pilot --config configs/pilot.yaml [--quick] [--seed N] [--force STAGE ...]
 
 The config is a student config (`model:`, the shape cut from the teacher, and
 mlx_student.train's run settings, which every arm shares) with an optional `pilot:` block
 (PILOT_DEFAULTS; `quick:` inside it overrides the rest under --quick). Every stage calls the
-function its own CLI calls (mlx_student.kd_mix, mlx_student.prune, mlx_student.train,
-mlx_student.export, mlx_student.probe, mlx_student.bench) and writes under
-runs/<name>/ (the KD data under data/kd_<name>/). After a stage succeeds it writes
-runs/<name>/stamps/<stage>.json holding a key: the hash of its settings and of its inputs'
-contents. A rerun skips every stage whose key is unchanged and whose outputs are there (and
-says so); --force STAGE (or all) redoes one. Every arm starts from the pruned student (the
-prune report's lowest-KL cut) and sees the same records, steps, batches and seed; only the loss
-differs: the control learns by CE on the teacher's text (sequence-level KD), `topk_kd` from the
-stored top-k (tail bucket), `dense_kd` by forward KL to the teacher's full distribution computed
-in process. The evaluation (pilot/heldout.py) uses text no stage saw.
+function its own CLI calls (mlx_student.kd_mix, mlx_student.score, mlx_student.prune,
+mlx_student.train, mlx_student.export, mlx_student.probe, mlx_student.bench) and writes under
+runs/<name>/ (data under data/). Stages are stamped (pilot/stage.py): a rerun skips every
+stage whose settings and inputs are unchanged and whose outputs are there (and says so);
+--force STAGE (or all) redoes one. The arms' data (pilot/targets.py) is natural text scored by
+the teacher (never the eval's files) plus the teacher's completions. Every arm starts from the
+pruned student (the prune report's lowest-KL cut) and sees the same records, steps, batches
+and seed; only the loss differs: the control learns by CE on the text, `topk_kd` from the
+stored top-k (tail bucket), `dense_kd` by forward KL to the teacher's full distribution
+computed in process. The evaluation (pilot/heldout.py) uses text no stage saw. --seed reseeds
+every stage and runs under runs/<name>_seed<N>/ (docs/pilot.md).
 """
 
 import argparse
-import copy
-import hashlib
 import json
 import os
 import sys
@@ -35,19 +34,30 @@ from mlx_student.files import write_json_atomic
 from mlx_student.teacher import default as default_teacher
 
 from . import report
-from .paths import kd_dir, package_dir, probe_dir
+from .paths import kd_dir, package_dir, probe_dir, train_data_dir
+from .stage import Pilot, StageError, flags, merge
+from .targets import score_argv, stage_score, stage_train_data
 
 ARMS = ("control", "topk_kd", "dense_kd")
-STAGES = ("teacher", "kd_mix", "prune", *(f"train_{a}" for a in ARMS), "eval", "export", "probe",
-          "bench", "tool_calls")
+STAGES = ("teacher", "kd_mix", "score", "train_data", "prune", *(f"train_{a}" for a in ARMS),
+          "eval", "export", "probe", "bench", "tool_calls")
 DENSE = ("forward_kl", "reverse_kl", "jsd")  # losses that need the teacher in process
 DOCS = Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
 PILOT_DEFAULTS = {
     "name": "kd_pilot",  # runs/<name>/, data/kd_<name>/
+    "seed": None,  # of kd_mix, score, training and the bootstrap; None: the config's `seed`
     "teacher": str(default_teacher.DEFAULT_TEACHER_DIR),
     # mlx_student.kd_mix: `config` plus flags (keys as its flags, with _) over it
     "kd_mix": {"config": "configs/kd_mix.yaml", "num_records": 1200, "max_tokens": 48,
                "batch_size": 16, "test_fraction": 0.1},
+    # natural text scored by the teacher (pilot/targets.py): passages of each source up to its
+    # token budget, never the eval's files; the rest are mlx_student.score flags
+    "score": {"sources": [{"path": str(DOCS / "library"), "tokens": 20000},
+                          {"path": str(DOCS / "reference"), "tokens": 10000},
+                          {"path": str(DOCS / "howto"), "tokens": 10000},
+                          {"path": str(DOCS / "whatsnew"), "tokens": 10000}],
+              "valid_tokens": 2048, "passage_chars": 4000, "top_k": 32, "samples": 0,
+              "max_seq_length": 256, "batch_size": 8},
     # mlx_student.prune flags: the student's shape is the config's `model:`
     "prune": {"calibration": "data/stdlib/train.jsonl", "calibration_tokens": 4096,
               "heldout": "data/stdlib/valid.jsonl", "heldout_tokens": 2048},
@@ -69,6 +79,10 @@ PILOT_DEFAULTS = {
     # --quick: a few minutes on 2 cores (the CI test runs it on configs/tiny.yaml)
     "quick": {"kd_mix": {"num_records": 32, "max_tokens": 12, "valid_fraction": 0.25,
                          "test_fraction": 0.25},
+              "score": {"sources": [{"path": str(DOCS / "library"), "tokens": 1024},
+                                    {"path": str(DOCS / "howto"), "tokens": 512}],
+                        "valid_tokens": 256, "passage_chars": 1000, "top_k": 8,
+                        "max_seq_length": 128},
               "prune": {"calibration_tokens": 256, "heldout_tokens": 256, "drop_kl_tokens": 128,
                         "seq_len": 64},
               "train": {"iters": 12, "batch_size": 4, "steps_per_eval": 6, "val_batches": 2,
@@ -81,21 +95,13 @@ PILOT_DEFAULTS = {
 }
 
 
-class StageError(RuntimeError):
-    """A stage that failed; the message names the stage and why."""
-
-
 # ---------------------------------------------------------------- settings
-def merge(base: dict, over: dict) -> dict:
-    """`base` with `over` merged in, recursively for mappings."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def settings_of(config_path, quick=False, name=None) -> dict:
-    """PILOT_DEFAULTS under the config's `pilot:` block (under its `quick:` with --quick)."""
+def settings_of(config_path, quick=False, name=None, seed=None) -> dict:
+    """PILOT_DEFAULTS under the config's `pilot:` block (under its `quick:` with --quick).
+    `seed` (--seed) over pilot.seed over the config's run setting `seed` (else 0) seeds
+    kd_mix's prompt order, the score stage's passages and draws, every arm's training and
+    the eval's bootstrap; a --seed other than that default runs under runs/<name>_seed<seed>/
+    (unless --name), so a rerun on another seed is a whole new run."""
     data, lines = load_yaml(config_path)
     block = data.get("pilot") or {}
     unknown = [k for k in block if k not in PILOT_DEFAULTS]
@@ -109,79 +115,13 @@ def settings_of(config_path, quick=False, name=None) -> dict:
         s = merge(s, s["quick"])
         s["name"] = f"{s['name']}_quick"
     s.pop("quick")
-    s["name"] = name or s["name"]
+    base = s["seed"] if s["seed"] is not None else data.get("seed", 0)
+    s["seed"] = base if seed is None else seed
+    s["name"] = name or (s["name"] if s["seed"] == base else f"{s['name']}_seed{s['seed']}")
+    for stage in ("kd_mix", "score", "train"):
+        s[stage] = {**s[stage], "seed": s["seed"]}
     s["config"] = str(config_path)
     return s
-
-
-def flags(mapping: dict) -> list:
-    """{'num_records': 8, 'contexts': [512]} -> ['--num-records', '8', '--contexts', '512']"""
-    out = []
-    for k, v in mapping.items():
-        out.append(f"--{k.replace('_', '-')}")
-        out += [str(x) for x in v] if isinstance(v, list) else [str(v)]
-    return out
-
-
-# ---------------------------------------------------------------- stamps
-def tree_hash(path) -> str:
-    """sha256 over the relative names and contents of the files under `path` (or of a file)."""
-    path = Path(path)
-    if not path.exists():
-        return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    total = hashlib.sha256()
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        total.update(f"{f.relative_to(path) if f != path else f.name}:{h.hexdigest()}\n".encode())
-    return total.hexdigest()
-
-
-class Pilot:
-    """Stage bookkeeping of one pilot run: keys, stamps, skips, a log of what ran."""
-
-    def __init__(self, settings: dict, force=()):
-        self.s = settings
-        self.dir = Path("runs") / settings["name"]
-        self.force = set(STAGES) if "all" in force else set(force)
-        self.log = []
-        self.resuming = False  # inside a stage: a killed earlier try with the same key
-
-    def stage(self, name, settings, inputs, outputs, fn):
-        """Run `fn()` unless the stamp of `name` has the same key and `outputs` exist.
-        `fn` returns a small JSON-able summary kept in the stamp."""
-        inputs = {str(p): tree_hash(p) for p in inputs}
-        key = hashlib.sha256(json.dumps({"settings": settings, "inputs": inputs},
-                                        sort_keys=True, default=str).encode()).hexdigest()
-        stamp_path = self.dir / "stamps" / f"{name}.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
-        if (name not in self.force and stamp and stamp["key"] == key
-                and all(Path(p).exists() for p in outputs)):
-            print(f"[pilot] {name}: up to date (key {key[:12]}), skipped", flush=True)
-            self.log.append({"stage": name, "skipped": True, "seconds": stamp["seconds"]})
-            return stamp["result"]
-        why = ("forced" if name in self.force else "no stamp" if not stamp
-               else "inputs or settings changed" if stamp["key"] != key else "outputs missing")
-        started = self.dir / "stamps" / f"{name}.started"
-        self.resuming = started.exists() and started.read_text() == key
-        print(f"[pilot] {name}: running ({why}{', resuming' if self.resuming else ''})",
-              flush=True)
-        started.parent.mkdir(parents=True, exist_ok=True)
-        started.write_text(key)
-        tic = time.perf_counter()
-        result = fn()
-        seconds = round(time.perf_counter() - tic, 1)
-        write_json_atomic(stamp_path, {"stage": name, "key": key, "settings": settings, "inputs": inputs,
-                                "outputs": {str(p): tree_hash(p) for p in outputs},
-                                "result": result, "seconds": seconds,
-                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        started.unlink()
-        print(f"[pilot] {name}: done in {seconds:.0f} s", flush=True)
-        self.log.append({"stage": name, "skipped": False, "seconds": seconds})
-        return result
 
 
 # ---------------------------------------------------------------- stages
@@ -210,24 +150,35 @@ def train_argv(s: dict, arm: str, init) -> list:
     """mlx_student.train's command line of one arm: its loss over the shared run settings,
     from the pruned student `init`; an arm with a dense KD term runs the teacher in process."""
     loss = s["arms"][arm]
-    argv = ["--config", s["config"], "--data", str(kd_dir(s)), "--out",
+    argv = ["--config", s["config"], "--data", str(train_data_dir(s)), "--out",
             str(Path("runs") / s["name"] / arm), "--init-from", str(init),
             "--loss", ",".join(f"{k}={v}" for k, v in loss.items()), *flags(s["train"])]
     return argv + (["--teacher", s["teacher"]] if any(k in DENSE for k in loss) else [])
 
 
 def check_settings(s: dict):
-    """The kd_mix and both students' run settings, checked before the first stage runs (each
-    command's own checks: a mistake ends here, not after the teacher's hour). Raises
+    """The kd_mix, score and every arm's run settings, checked before the first stage runs
+    (each command's own checks: a mistake ends here, not after the teacher's hour). Raises
     ConfigError."""
     from mlx_student import train
-    from mlx_student.teacher import kd_mix
+    from mlx_student.teacher import kd_mix, score
 
     try:
         kd_mix.parse_args(kd_mix_argv(s))
     except ConfigError as e:
         raise ConfigError(f"{s['config']}: the kd_mix stage (its config, with pilot.kd_mix as "
                           f"flags):\n{e}") from None
+    try:
+        score.parse_args(score_argv(s))
+    except (ConfigError, SystemExit) as e:  # argparse exits on an unknown flag
+        raise ConfigError(f"{s['config']}: the score stage's mlx_student.score settings "
+                          f"(pilot.score as flags): {e}") from None
+    bad = [src for src in s["score"]["sources"] if not (
+        isinstance(src, dict) and set(src) == {"path", "tokens"}
+        and isinstance(src["tokens"], int) and src["tokens"] > 0)]
+    if bad:
+        raise ConfigError(f"{s['config']}: pilot.score.sources: expected entries {{path, tokens "
+                          f"(an integer > 0)}}, got {bad[0]!r}")
     for arm in s["arms"]:  # from the teacher's folder: the pruned student is not cut yet
         try:
             train.check(train.parse_args(train_argv(s, arm, s["teacher"])))
@@ -235,6 +186,11 @@ def check_settings(s: dict):
             raise ConfigError(f"{s['config']}: the {arm} arm's mlx_student.train settings "
                               f"(the file's, with pilot.train and pilot.arms.{arm} as flags):"
                               f"\n{e}") from None
+    args = train.parse_args(train_argv(s, "control", s["teacher"]))
+    if args.max_seq_length < s["score"]["max_seq_length"]:
+        raise ConfigError(f"{s['config']}: pilot.score.max_seq_length "
+                          f"{s['score']['max_seq_length']} is longer than the arms' "
+                          f"max_seq_length {args.max_seq_length}: the scored windows would be cut")
 
 
 def stage_kd_mix(p: Pilot):
@@ -286,9 +242,9 @@ def stage_prune(p: Pilot):
 def stage_train(p: Pilot, arm: str):
     from mlx_student import checkpoint, train
 
-    out, data, init = student_dir(p, arm), kd_dir(p.s), student_dir(p, "pruned")
+    out, data, init = student_dir(p, arm), train_data_dir(p.s), student_dir(p, "pruned")
     argv = train_argv(p.s, arm, init)
-    files = [data / f"{s}.jsonl" for s in ("train", "valid")] + [init / "model.safetensors"]
+    files = [data / f"{sp}.jsonl" for sp in ("train", "valid")] + [init / "model.safetensors"]
 
     def run():
         resume = p.resuming and checkpoint.trainer_dir(out).exists()
@@ -364,7 +320,7 @@ def stage_eval(p: Pilot):
                                    nl["candidates"])
         lines = {name: ho.next_line_correct(m, items)
                  for name, m in [*loaded.items(), ("teacher", teacher)]}
-        summary = ho.summarize(stats, lines, "control", e["resamples"], seed=0)
+        summary = ho.summarize(stats, lines, "control", e["resamples"], seed=p.s["seed"])
         result = {"heldout": str(heldout), "heldout_from": heldout_from,
                   "next_line_file": nl["file"], "candidates": nl["candidates"], **summary,
                   "paths": {k: str(v) for k, v in models.items()}}
@@ -379,7 +335,7 @@ def stage_eval(p: Pilot):
 
     inputs = [heldout, e["next_line"]["file"], p.s["teacher"],
               *(d / "model.safetensors" for d in models.values())]
-    return p.stage("eval", e, inputs, [out], run)
+    return p.stage("eval", {**e, "seed": p.s["seed"]}, inputs, [out], run)
 
 
 def stage_export(p: Pilot):
@@ -459,7 +415,7 @@ def stage_tool_calls(p: Pilot):
         prompt = chat_prompt(engine.tokenizer, [{"role": "user", "content":
                                                  "What is the weather in Lyon for 3 days?"}], [TOOL])
         calls = []
-        for seed in range(t["n"]):
+        for seed in range(p.s["seed"] * t["n"], (p.s["seed"] + 1) * t["n"]):
             proc = json_schema_processor(engine.tokenizer, schema, engine_vocab(engine))
             r = generate(engine, prompt, GenerationParams(
                 max_tokens=t["max_tokens"], temperature=t["temperature"], seed=seed),
@@ -476,17 +432,20 @@ def stage_tool_calls(p: Pilot):
                          "valid": valid, "n": len(calls), "calls": calls})
         return {"valid": valid, "n": len(calls)}
 
-    return p.stage("tool_calls", p.s["tool_calls"], [model / "model.safetensors"], [out], run)
+    return p.stage("tool_calls", {**p.s["tool_calls"], "seed": p.s["seed"]},
+                   [model / "model.safetensors"], [out], run)
 
 
 def run(settings: dict, force=()) -> Pilot:
 
     check_settings(settings)
-    p = Pilot(settings, force)
+    p = Pilot(settings, STAGES, force)
     p.dir.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     stage_teacher(p)
     stage_kd_mix(p)
+    stage_score(p)
+    stage_train_data(p)
     stage_prune(p)
     for arm in ARMS:
         stage_train(p, arm)
@@ -511,6 +470,9 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="the pilot: block's quick: settings "
                    "(a few minutes); runs under runs/<name>_quick")
     p.add_argument("--name", help="run name: runs/<name>/ (default: the config's pilot.name)")
+    p.add_argument("--seed", type=int, help="seed of kd_mix, score, training and the bootstrap "
+                   "(default: pilot.seed, else the config's seed); another seed runs under "
+                   "runs/<name>_seed<seed>/")
     p.add_argument("--force", nargs="+", default=[], choices=[*STAGES, "all"],
                    help="redo these stages even if their stamps are current")
     return p
@@ -520,7 +482,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        run(settings_of(args.config, args.quick, args.name), args.force)
+        run(settings_of(args.config, args.quick, args.name, args.seed), args.force)
     except (ConfigError, DataError, StageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

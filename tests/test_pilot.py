@@ -77,6 +77,23 @@ def test_report_numbers_come_from_the_stage_outputs(quick_run):
     manifest = json.loads((kd / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["records_with_topk"] == manifest["records"]
     assert f"{manifest['records']} (" in md  # every record of the folder
+    # the arms' data: scored natural text (each source's budget met) + the teacher's completions
+    natural = json.loads((run / "natural" / "sources.json").read_text())
+    budgets = {s["path"]: s["tokens"] for s in pilot.PILOT_DEFAULTS["quick"]["score"]["sources"]}
+    assert {k: v["train"]["tokens"] >= budgets[k] for k, v in natural.items()} == {
+        k: True for k in budgets}
+    scored = json.loads((work / "data" / "scored_t_quick" / "manifest.json").read_text())
+    data = json.loads((work / "data" / "train_t_quick" / "manifest.json").read_text())
+    for split in ("train", "valid"):
+        got = data["splits"][split]
+        assert got["scored natural text"]["target_tokens"] == scored["splits"][split]["tokens"]
+        lines = (kd / f"{split}.jsonl").read_text().splitlines()
+        assert got["teacher completions"]["records"] == len(lines)
+        assert f"| {split} | teacher completions | {len(lines)} |" in md
+    for arm in pilot.ARMS:  # loss tokens each arm saw, from its own metrics
+        seen = sum(json.loads(x)["tokens"] for x in (run / arm / "metrics.jsonl").read_text()
+                   .splitlines())
+        assert f"| `{arm}` | {json.dumps(pilot.PILOT_DEFAULTS['arms'][arm])} | 12 | {seen} |" in md
     bench = json.loads((run / "bench" / "bench.json").read_text())
     assert all(math.isfinite(x) for x in finite_numbers(bench["roofline"]) if x is not None)
     assert f"achieved {bench['roofline']['achieved_pct']:.0f} %" in md
@@ -128,6 +145,18 @@ def test_rerun_skips_every_stage(quick_run, capsys):
         assert re.search(rf"\[pilot\] {stage}: up to date \(key \w+\), skipped", out), stage
     log = json.loads((run / "pilot_log.json").read_text())
     assert all(s["skipped"] for s in log["stages"])
+
+
+def test_another_seed_is_a_new_run_with_every_seed_changed():
+    s0 = pilot.settings_of(ROOT / "configs/pilot.yaml")
+    s1 = pilot.settings_of(ROOT / "configs/pilot.yaml", seed=1)
+    assert (s0["name"], s1["name"]) == ("kd_pilot", "kd_pilot_seed1")
+    assert pilot.settings_of(ROOT / "configs/pilot.yaml", name="x", seed=1)["name"] == "x"
+    for s, seed in ((s0, "0"), (s1, "1")):
+        for argv in (pilot.kd_mix_argv(s), pilot.score_argv(s),
+                     pilot.train_argv(s, "control", "init")):
+            assert argv[argv.index("--seed") + 1] == seed
+    assert pilot.kd_dir(s0) != pilot.kd_dir(s1)
 
 
 def test_bad_stage_settings_stop_the_pilot_before_its_first_stage(tmp_path, monkeypatch, capsys):
