@@ -392,7 +392,7 @@ def stage_bench(p: Pilot):
     model, out = student_dir(p, shipped(p)), p.dir / "bench"
 
     def run():
-        r = bench.main(["--model", str(model), "--out", str(out), *flags(p.s["bench"])])
+        r = bench.bench(["--model", str(model), "--out", str(out), *flags(p.s["bench"])])
         return {"decode_tps": r["decode_tps"], "achieved_pct": r["roofline"]["achieved_pct"]}
 
     return p.stage("bench", p.s["bench"], [model / "model.safetensors"], [out / "bench.json"], run)
