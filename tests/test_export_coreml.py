@@ -123,7 +123,7 @@ def test_manifest(exported, student_dir):
     out, manifest = exported
     on_disk = json.loads((out / "export_manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
-    assert sorted(p.name for p in out.iterdir()) == ["export_manifest.json", "model.mlpackage"]
+    assert sorted(p.name for p in out.iterdir()) == [".mlx_student", "export_manifest.json", "model.mlpackage"]
     h = hashlib.sha256((student_dir / "model.safetensors").read_bytes()).hexdigest()
     assert on_disk["source"]["files"]["model.safetensors"] == h
     assert on_disk["config"]["student"]["contexts"] == [128, 256]
