@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("coremltools")
 
-from export import mil_executor, probe  # noqa: E402
+from export import mil_executor, probe, probe_report  # noqa: E402
 from export import taps as tp  # noqa: E402
 from export.compress import Compression, compress  # noqa: E402
 from export.convert import FunctionSpec, convert_function, save_multifunction  # noqa: E402
@@ -124,16 +124,16 @@ def test_report_files_exist_and_agree(fp16_report):
 
     _, r = fp16_report
     files = {k: Path(v) for k, v in r["files"].items()}
-    assert sorted(p.name for p in files["json"].parent.iterdir()) == sorted(probe.FILES.values())
+    assert sorted(p.name for p in files["json"].parent.iterdir()) == sorted(probe_report.FILES.values())
     md = files["markdown"].read_text()
     assert md.startswith("# Probe report: PASS") and r["run_id"] in md
     assert "reference MIL executor" in md
     for g in r["gates"]:
-        assert f"| {g['gate']} | {probe._g(g['value'])} |" in md
+        assert f"| {g['gate']} | {probe.fmt_value(g['value'])} |" in md
     for n, c in r["taps"]["coreml_vs_mlx"].items():
-        assert f"| {n} | {probe._g(c['max_abs_err'])} | {probe._g(c['rel_err'])} |" in md
+        assert f"| {n} | {probe.fmt_value(c['max_abs_err'])} | {probe.fmt_value(c['rel_err'])} |" in md
     e = r["end_to_end"]["coreml_vs_mlx"]
-    assert f"| coreml | {e['positions']} | {probe._g(e['top1'])} | {probe._g(e['kl_mean'])} |" in md
+    assert f"| coreml | {e['positions']} | {probe.fmt_value(e['top1'])} | {probe.fmt_value(e['kl_mean'])} |" in md
     png = Image.open(files["plot"])
     assert png.format == "PNG" and png.size[0] >= 600
     assert png.text["Description"] == r["run_id"]
@@ -286,7 +286,7 @@ def test_nonfinite_values_fail_and_stay_valid_json():
     failed = [g for g in probe.evaluate_gates(report, probe.resolve_gates("fp16", {}))
               if g["gate"] == "fp16_headroom"][0]
     assert not failed["ok"] and "mirror.norm_mean_square" in failed["detail"]
-    text = json.dumps(probe._json_safe(report), allow_nan=False)
+    text = json.dumps(probe_report._json_safe(report), allow_nan=False)
     assert json.loads(text)["taps"]["coreml_vs_mlx"]["logits"]["rel_err"] == "inf"
 
 
