@@ -6,13 +6,14 @@ Builds the narrow worker-shaped student of configs/worker_narrow.yaml (32 query 
 d_head 128; seeded init, final norm x4 so logits are not near-ties), exports decode + prefill
 functions at `--context` (fp16, KV state), then runs `--tokens` tokens of the Python docs through
 the package's prefill chunks and decode steps (reference MIL executor on Linux, MLModel on macOS)
-and through MLX, comparing logits and the whole KV state (runtime/long_prefill.py). Writes
-long_prefill.json and long_prefill.md under --out.
+and through MLX, comparing every call's logits and the whole KV state against MLX fp32, gated by
+the probe's fp16 error model (runtime/long_prefill.py). Writes long_prefill.json and
+long_prefill.md under --out (atomically); exit status 1 when a gate fails.
 """
 
 import argparse
 import dataclasses
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from export.convert import convert_function, plan, save_multifunction
 from export.mirror import load_mirror
 from mlx_student import model as student_model
 from mlx_student.config import load_config
+from mlx_student.files import write_json_atomic
 from runtime.long_prefill import check, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--context", type=int, default=16384)
-    p.add_argument("--tokens", type=int, default=12000)
-    p.add_argument("--prefill-lengths", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--context", type=int, default=16384, help="KV-cache length of the package")
+    p.add_argument("--tokens", type=int, default=12000, help="prompt tokens (at most --context)")
+    p.add_argument("--prefill-lengths", type=int, nargs="+", default=[64, 512],
+                   help="the package's prefill functions (tokens per call)")
+    p.add_argument("--mlx-step", type=int, default=512, help="MLX's own prefill chunk")
+    p.add_argument("--fp16-tokens", type=int, default=1024,
+                   help="prompt prefix run by mlx-lm in fp16 for the error model")
     p.add_argument("--out", default="artifacts/longctx")
     args = p.parse_args()
+    if not 0 < args.tokens <= args.context:
+        sys.exit(f"check_long_context: --tokens {args.tokens} must be in 1..--context {args.context}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(ROOT / "configs/worker_narrow.yaml")
@@ -50,12 +58,15 @@ def main():
     package = save_multifunction({s.name: convert_function(mirror, s) for s in specs},
                                  out / "student.mlpackage", specs[0].name)
     export_s = time.perf_counter() - tic
-    r = check(folder, package, args.tokens)
+    print(f"exported {package} in {export_s:.0f} s")
+    r = check(folder, package, args.tokens, mlx_step=args.mlx_step, fp16_tokens=args.fp16_tokens)
     r["seconds"]["export"] = export_s
-    (out / "long_prefill.json").write_text(json.dumps(r, indent=2))
-    (out / "long_prefill.md").write_text(markdown(r))
+    write_json_atomic(out / "long_prefill.json", r)
+    tmp = out / ".long_prefill.md.tmp"
+    tmp.write_text(markdown(r))
+    tmp.replace(out / "long_prefill.md")
     print(markdown(r))
-    print(f"export {export_s:.0f} s")
+    sys.exit(0 if r["ok"] else 1)
 
 
 if __name__ == "__main__":
