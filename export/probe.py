@@ -45,10 +45,10 @@ from .probe_gates import (
     FP16_UNIT_ROUNDOFF,
     GATE_DEFAULTS,
     GATE_KEYS,
-    gate_value,
     error_ratios,
     evaluate_gates,
     fmt_value,
+    gate_value,
     resolve_gates,
     weight_format,
 )
@@ -61,6 +61,7 @@ CONFIG_DEFAULTS = {
     "out": None,  # report folder; default: the package's folder
     "context": None,  # KV-cache length; default: the package's smallest
     "prefill_length": None,  # default: the longest prefill that leaves room for the decode
+    "prompt_tokens": None,  # window prompt fed as the package's prefill chunks + decode calls
     "decode_steps": 16,
     "windows": 4,
     "backend": "auto",  # auto | executor | coreml (MLModel.predict, macOS only)
@@ -89,6 +90,9 @@ def build_parser():
     add("--out", help="report folder (default: the package's folder)")
     add("--context", type=int, help="KV-cache length (a context the package has)")
     add("--prefill-length", type=int, help="prefill chunk length (a function of the package)")
+    add("--prompt-tokens", type=int, help="each window's prompt, fed as the package's prefill "
+        "chunks (the longest that fits first, or only --prefill-length's) plus decode calls for "
+        "the rest, at the running position; long contexts: windows across chunk boundaries")
     add("--decode-steps", type=int, help="decode calls after each prefill")
     add("--windows", type=int, help="independent prefill + decode windows over the text")
     add("--backend", choices=("auto", "executor", "coreml"), help="what runs the package")
@@ -126,7 +130,8 @@ def parse_args(argv=None):
     if not args.model or not args.package:
         raise ConfigError("pass --model runs/x and --package artifacts/x/model.mlpackage")
     bad = []
-    for key, low in (("decode_steps", 1), ("windows", 1), ("context", 1), ("prefill_length", 1)):
+    for key, low in (("decode_steps", 1), ("windows", 1), ("context", 1), ("prefill_length", 1),
+                     ("prompt_tokens", 1)):
         v = getattr(args, key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             where = f"--{key.replace('_', '-')}" if key in given else \
@@ -144,8 +149,12 @@ def parse_args(argv=None):
 FUNCTION = re.compile(r"^(?:decode|prefill_(\d+))_ctx(\d+)$")
 
 
-def choose_functions(names, context=None, prefill=None, decode_steps=16) -> dict:
-    """{"context", "prefill_length", "prefill", "decode"} from the package's function names."""
+def choose_functions(names, context=None, prefill=None, decode_steps=16,
+                     prompt_tokens=None) -> dict:
+    """{"context", "prefill_length", "prefill", "decode", "prefills", "calls"} from the
+    package's function names: "prefills" {tokens: function} of the context, "calls" the tokens
+    per call of a window's prompt: [prefill_length] by default, `tp.chunk_schedule` of
+    `prompt_tokens` over the context's prefill lengths (or `prefill` alone) when given."""
     fns = {}  # context -> {tokens per call: name}
     for n in names:
         m = FUNCTION.match(n)
@@ -159,18 +168,33 @@ def choose_functions(names, context=None, prefill=None, decode_steps=16) -> dict
         raise ProbeError(f"no prefill and decode functions at context {S} "
                          f"(contexts: {sorted(usable)})")
     lengths = sorted(t for t in usable[S] if t > 1)
-    if prefill is None:
-        fit = [t for t in lengths if t + decode_steps <= S]
-        if not fit:
-            raise ProbeError(f"no prefill length at context {S} leaves room for "
-                             f"{decode_steps} decode steps (lengths {lengths})")
-        prefill = fit[-1]
-    if prefill not in lengths:
+    if prefill is not None and prefill not in lengths:
         raise ProbeError(f"no prefill_{prefill}_ctx{S} in the package (lengths {lengths})")
-    if prefill + decode_steps > S:
-        raise ProbeError(f"prefill {prefill} + {decode_steps} decode steps exceed context {S}")
-    return {"context": S, "prefill_length": prefill, "prefill": usable[S][prefill],
-            "decode": usable[S][1]}
+    if prompt_tokens is not None:
+        if prompt_tokens + decode_steps > S:
+            raise ProbeError(f"prompt {prompt_tokens} + {decode_steps} decode steps exceed "
+                             f"context {S}")
+        calls = tp.chunk_schedule(prompt_tokens, [prefill] if prefill else lengths)
+        prefill = max(calls)
+    else:
+        if prefill is None:
+            fit = [t for t in lengths if t + decode_steps <= S]
+            if not fit:
+                raise ProbeError(f"no prefill length at context {S} leaves room for "
+                                 f"{decode_steps} decode steps (lengths {lengths})")
+            prefill = fit[-1]
+        if prefill + decode_steps > S:
+            raise ProbeError(f"prefill {prefill} + {decode_steps} decode steps exceed context {S}")
+        calls = [prefill]
+    return {"context": S, "prefill_length": prefill,
+            "prefill": usable[S][prefill] if prefill > 1 else None,
+            "decode": usable[S][1], "prefills": {t: usable[S][t] for t in lengths},
+            "calls": calls}
+
+
+def call_counts(calls) -> dict:
+    """{"64": 4, "16": 2, "1": 12}: how many calls of each size, longest first."""
+    return {str(t): calls.count(t) for t in sorted(set(calls), reverse=True)}
 
 
 def default_text_path() -> Path:
@@ -187,7 +211,7 @@ def text_ids(model_dir, text: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- the probe
 def probe(model_dir, package, text=None, context=None, prefill_length=None, decode_steps=16,
-          windows=4, backend="auto", gate_overrides=None, log=print) -> dict:
+          windows=4, backend="auto", gate_overrides=None, log=print, prompt_tokens=None) -> dict:
     """Run the probe; returns the report (not written; see write_report)."""
     from . import mil_executor
     from .mirror import load_mirror
@@ -202,16 +226,19 @@ def probe(model_dir, package, text=None, context=None, prefill_length=None, deco
     fmt = weight_format(manifest)
     gates = resolve_gates(fmt, gate_overrides or {})
     fns = choose_functions(mil_executor.functions(package), context, prefill_length,
-                           decode_steps)
+                           decode_steps, prompt_tokens)
+    calls = fns["calls"]
+    used = {t: fns["prefills"][t] for t in sorted(set(calls)) if t > 1}
     text_path = Path(text) if text else default_text_path()
     ids = text_ids(model_dir, text_path.read_text(encoding="utf-8", errors="replace"))
-    span = fns["prefill_length"] + decode_steps + 1
+    span = sum(calls) + decode_steps + 1
     windows = min(windows, len(ids) // span)
     if windows < 1:
         raise ProbeError(f"{text_path}: {len(ids)} tokens, a window needs {span}")
 
-    log(f"probe: {package} ({fmt}) vs {model_dir}: {windows} windows x (prefill "
-        f"{fns['prefill_length']} + {decode_steps} decode) at context {fns['context']}")
+    log(f"probe: {package} ({fmt}) vs {model_dir}: {windows} windows x (prompt "
+        f"{sum(calls)} as {call_counts(calls)} + {decode_steps} decode) at context "
+        f"{fns['context']}")
     source = (manifest.get("source") or {}).get("sha256")
     matches = None
     if source:
@@ -225,10 +252,9 @@ def probe(model_dir, package, text=None, context=None, prefill_length=None, deco
     layers = mirror.config.num_hidden_layers
     which = tp.package_backend(backend, package)
     runners = [tp.MLXRunner(model_dir), tp.MirrorRunner(mirror, fns["context"]),
-               tp.PackageRunner(package, {fns["prefill_length"]: fns["prefill"],
-                                          1: fns["decode"]}, layers, which),
+               tp.PackageRunner(package, {**used, 1: fns["decode"]}, layers, which),
                tp.MLXRunner(model_dir, "float16")]
-    got = tp.run_windows(runners, ids, fns["prefill_length"], decode_steps, windows)
+    got = tp.run_windows(runners, ids, calls, decode_steps, windows)
     names = tp.tap_names(layers)
     mlx, mirror_out, coreml = got["mlx"], got["mirror"], got["coreml"]
     model16 = tp.tap_table(got["mlx_fp16"]["taps"], mlx["taps"], names)
@@ -252,8 +278,10 @@ def probe(model_dir, package, text=None, context=None, prefill_length=None, deco
                      "coreml_taps": "reference MIL executor, per-op observe hook"},
         "text": {"path": str(text_path), "tokens": int(len(ids)), "windows": windows,
                  "prefill_length": fns["prefill_length"], "decode_steps": decode_steps,
+                 "prompt_tokens": sum(calls), "calls": call_counts(calls),
                  "context": fns["context"], "positions": len(got["labels"]),
-                 "functions": {"prefill": fns["prefill"], "decode": fns["decode"]},
+                 "functions": {"prefill": fns["prefill"], "prefills": list(used.values()),
+                               "decode": fns["decode"]},
                  "decode": "teacher-forced: the text's own next ids, one call each"},
         "tap_names": names,
         "unmapped_coreml_taps": unmapped,
@@ -283,7 +311,8 @@ def probe(model_dir, package, text=None, context=None, prefill_length=None, deco
 
 def run(args) -> dict:
     report = probe(args.model, args.package, args.text, args.context, args.prefill_length,
-                   args.decode_steps, args.windows, args.backend, args.gates)
+                   args.decode_steps, args.windows, args.backend, args.gates,
+                   prompt_tokens=args.prompt_tokens)
     out = Path(args.out) if args.out else Path(args.package).parent
     files = write_report(report, out)
     print(summary(report))

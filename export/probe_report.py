@@ -44,10 +44,10 @@ def markdown(report: dict) -> str:
         f"- reference: {report['backends']['reference']}",
         f"- mirror: {report['backends']['mirror']}",
         f"- CoreML side: **{report['backends']['coreml']}**",
-        f"- text `{t['path']}` ({t['tokens']} tokens): {t['windows']} windows x (prefill "
-        f"{t['prefill_length']} + {t['decode_steps']} decode steps) at context {t['context']} "
-        f"= {t['positions']} positions; functions `{t['functions']['prefill']}`, "
-        f"`{t['functions']['decode']}`",
+        f"- text `{t['path']}` ({t['tokens']} tokens): {t['windows']} windows x (prompt "
+        f"{t['prompt_tokens']} tokens as calls {t['calls']} + {t['decode_steps']} decode steps) "
+        f"at context {t['context']} = {t['positions']} positions (calls); functions "
+        + ", ".join(f"`{f}`" for f in t["functions"]["prefills"] + [t["functions"]["decode"]]),
     ]
     if report["unmapped_coreml_taps"]:
         lines.append(f"- CoreML taps not found in the program: {report['unmapped_coreml_taps']}")

@@ -20,6 +20,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from export import mil_executor
+from export.taps import chunk_schedule
 
 
 class CoreMLCache:
@@ -81,11 +82,7 @@ class CoreMLEngine:
 
     def chunks(self, n: int) -> list:
         """Tokens per call for `n` prompt tokens: the longest prefill that fits, then decode steps."""
-        out = []
-        while n:
-            out.append(next((T for T in self.prefill if T <= n), 1))
-            n -= out[-1]
-        return out
+        return chunk_schedule(n, self.prefill)
 
     def _run(self, fn, ids, cache):
         out = fn.predict({"input_ids": np.asarray(ids, np.int32)[None],
