@@ -40,26 +40,22 @@ def main():
     p.add_argument("--fp16-tokens", type=int, default=1024,
                    help="prompt prefix run by mlx-lm in fp16 for the error model")
     p.add_argument("--out", default="artifacts/longctx")
+    p.add_argument("--reuse", action="store_true",
+                   help="check the student and package already exported under --out")
     args = p.parse_args()
     if not 0 < args.tokens <= args.context:
         sys.exit(f"check_long_context: --tokens {args.tokens} must be in 1..--context {args.context}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = load_config(ROOT / "configs/worker_narrow.yaml")
-    config = dataclasses.replace(config, contexts=[args.context], max_position_embeddings=args.context,
-                                 prefill_lengths=args.prefill_lengths,
-                                 tokenizer=str(ROOT / "models/smollm2-135m-instruct"))
-    model = student_model.build(config, seed=7)
-    model.model.norm.weight = model.model.norm.weight * 4
-    folder = student_model.save(out / "student", model, config, load_tokenizer(Path(config.tokenizer)))
-    tic = time.perf_counter()
-    mirror = load_mirror(folder)
-    specs = plan(config.contexts, config.prefill_lengths)
-    package = save_multifunction({s.name: convert_function(mirror, s) for s in specs},
-                                 out / "student.mlpackage", specs[0].name)
-    export_s = time.perf_counter() - tic
-    print(f"exported {package} in {export_s:.0f} s")
-    r = check(folder, package, args.tokens, mlx_step=args.mlx_step, fp16_tokens=args.fp16_tokens)
+    folder, package, export_s = out / "student", out / "student.mlpackage", None
+    if args.reuse:
+        if not package.exists():
+            sys.exit(f"check_long_context: --reuse: no {package} (run once without --reuse)")
+    else:
+        export_s = export(args, folder, package)
+        print(f"exported {package} in {export_s:.0f} s")
+    r = check(folder, package, args.tokens, context=args.context, mlx_step=args.mlx_step,
+              fp16_tokens=args.fp16_tokens)
     r["seconds"]["export"] = export_s
     write_json_atomic(out / "long_prefill.json", r)
     tmp = out / ".long_prefill.md.tmp"
@@ -67,6 +63,23 @@ def main():
     tmp.replace(out / "long_prefill.md")
     print(markdown(r))
     sys.exit(0 if r["ok"] else 1)
+
+
+def export(args, folder: Path, package: Path) -> float:
+    """The worker-shaped student at --context, saved to `folder` and exported to `package`;
+    returns the seconds the export took."""
+    config = load_config(ROOT / "configs/worker_narrow.yaml")
+    config = dataclasses.replace(config, contexts=[args.context], max_position_embeddings=args.context,
+                                 prefill_lengths=args.prefill_lengths,
+                                 tokenizer=str(ROOT / "models/smollm2-135m-instruct"))
+    model = student_model.build(config, seed=7)
+    model.model.norm.weight = model.model.norm.weight * 4
+    student_model.save(folder, model, config, load_tokenizer(Path(config.tokenizer)))
+    tic = time.perf_counter()
+    mirror = load_mirror(folder)
+    specs = plan(config.contexts, config.prefill_lengths)
+    save_multifunction({s.name: convert_function(mirror, s) for s in specs}, package, specs[0].name)
+    return time.perf_counter() - tic
 
 
 if __name__ == "__main__":
