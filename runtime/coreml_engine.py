@@ -44,7 +44,10 @@ class CoreMLCache:
 class CoreMLEngine:
     name = "coreml"
 
-    def __init__(self, package, tokenizer, context=None, backend="auto"):
+    def __init__(self, package, tokenizer, context=None, backend="auto", prefill_lengths=None):
+        """`prefill_lengths`: use only these of the package's prefill functions (default all;
+        a smaller chunk bounds the executor's memory: a 512-token chunk at context 16384 has
+        GBs of attention scores)."""
         package = Path(package)
         names = mil_executor.functions(package)
         contexts = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"decode_ctx(\d+)", n))})
@@ -55,6 +58,12 @@ class CoreMLEngine:
         self.context = context or contexts[-1]
         prefills = [int(m.group(1)) for n in names
                     if (m := re.fullmatch(rf"prefill_(\d+)_ctx{self.context}", n))]
+        if prefill_lengths is not None:
+            missing = sorted(set(prefill_lengths) - set(prefills))
+            if missing:
+                raise ValueError(f"{package}: no prefill function of {missing} tokens at context "
+                                 f"{self.context}; it has {sorted(prefills)}")
+            prefills = list(prefill_lengths)
         if backend == "auto":
             backend = "coreml" if sys.platform == "darwin" else "executor"
         self.backend = backend

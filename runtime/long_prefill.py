@@ -98,12 +98,14 @@ def _gate(name, value, op, threshold, detail) -> dict:
 
 
 def check(model_dir, package, n_tokens: int, context=None, backend: str = "auto",
-          mlx_step: int = 512, fp16_tokens: int = 1024, seed: int = 0, log=print) -> dict:
+          mlx_step: int = 512, fp16_tokens: int = 1024, seed: int = 0, log=print,
+          prefill_lengths=None) -> dict:
     """Run `n_tokens` of text through the package at `context` (default: its largest) and
     through MLX (fp32, and fp16 over the first `fp16_tokens` for the error model); returns the
     comparison and its gates (see the module docstring). Raises ValueError when the prompt does
     not fit the context."""
-    coreml = CoreMLEngine.load(package, model_dir, context=context, backend=backend)
+    coreml = CoreMLEngine.load(package, model_dir, context=context, backend=backend,
+                               prefill_lengths=prefill_lengths)
     if n_tokens > coreml.context:
         raise ValueError(f"{n_tokens} tokens exceed the package's context {coreml.context}")
     ids = prompt_ids(coreml.tokenizer, n_tokens, seed)

@@ -36,6 +36,9 @@ def main():
     p.add_argument("--tokens", type=int, default=12000, help="prompt tokens (at most --context)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[64, 512],
                    help="the package's prefill functions (tokens per call)")
+    p.add_argument("--use-prefill-lengths", type=int, nargs="+",
+                   help="run the prompt through only these prefill functions (default: all; "
+                   "64 alone bounds the reference executor's memory at a 16k context)")
     p.add_argument("--mlx-step", type=int, default=512, help="MLX's own prefill chunk")
     p.add_argument("--fp16-tokens", type=int, default=1024,
                    help="prompt prefix run by mlx-lm in fp16 for the error model")
@@ -55,7 +58,7 @@ def main():
         export_s = export(args, folder, package)
         print(f"exported {package} in {export_s:.0f} s")
     r = check(folder, package, args.tokens, context=args.context, mlx_step=args.mlx_step,
-              fp16_tokens=args.fp16_tokens)
+              fp16_tokens=args.fp16_tokens, prefill_lengths=args.use_prefill_lengths)
     r["seconds"]["export"] = export_s
     write_json_atomic(out / "long_prefill.json", r)
     tmp = out / ".long_prefill.md.tmp"
