@@ -299,6 +299,7 @@ class Program:
         self.ops, self.consts = ops, consts
         self.const_types, self.constexpr_ops = {}, []  # constant vars' types; dequantization ops
         self.materialized = True
+        self._dead = None  # per op, the variables it reads last (see _dead_after)
 
     def __repr__(self):
         return (f"Program({self.path.name}:{self.function}, {len(self.ops)} ops, inputs "
@@ -336,13 +337,31 @@ class Program:
             env[name] = x.astype(var.np_dtype)
         states = {n: (np.zeros(v.shape, v.np_dtype) if state is None or n not in state
                       else np.asarray(state[n]).astype(v.np_dtype)) for n, v in self.states.items()}
-        for op in self.ops:
+        for op, dead in zip(self.ops, self._dead_after()):
             values = self._execute(op, env, states)
             for var, value in zip(op.outputs, values):
                 env[var.name] = value
             if observe is not None:
                 observe(op, values)
+            for name in dead:  # a long context's attention scores are GBs: free them early
+                env.pop(name, None)
         return {n: env[n] for n in self.output_names}, states
+
+    def _dead_after(self) -> list:
+        """Per op, the variables that no later op (and no output) reads."""
+        if self._dead is None:
+            last = {}
+            for i, op in enumerate(self.ops):
+                for args in op.inputs.values():
+                    for kind, a in args:
+                        if kind == "var":
+                            last[a] = i
+            for n in self.output_names:
+                last.pop(n, None)
+            self._dead = [[] for _ in self.ops]
+            for name, i in last.items():
+                self._dead[i].append(name)
+        return self._dead
 
     def _args(self, op, env):
         kw = {}

@@ -29,7 +29,7 @@ Backends:
                  function output -> logits. The chain is checked (layer i's residual_mid adds to
                  layer i-1's residual), and a tap that cannot be found is reported as unmapped.
 
-`run_windows` drives all three over the same prefill + decode windows; `compare`, `kl`,
+`run_windows` drives all three over the same windows (prefill chunks + decode calls); `compare`, `kl`,
 `end_to_end` and `tap_table` are the metrics of the probe report (export/probe.py).
 """
 
@@ -341,19 +341,36 @@ def headroom(x) -> dict:
 
 
 # ---------------------------------------------------------------- running all backends
-def run_windows(runners, ids, prefill: int, decode_steps: int, windows: int) -> dict:
-    """Every runner over the same windows. Returns {runner name: {"taps": {tap: (rows, C)},
-    "logits": (positions, vocab)}, "labels": [...], "next": next-token ids, "seconds": {...}}."""
-    span = prefill + decode_steps
+def chunk_schedule(n: int, prefill_lengths) -> list:
+    """Tokens per call for an `n`-token prompt through a package: the longest prefill function
+    that fits the tokens left, then decode calls (1) for the rest. E.g. 300 tokens with prefill
+    64 and 16: [64, 64, 64, 64, 16, 16, 1 x 12]. The CoreML engine and the probe feed prompts so."""
+    lengths, out = sorted((t for t in prefill_lengths if t > 1), reverse=True), []
+    while n:
+        out.append(next((t for t in lengths if t <= n), 1))
+        n -= out[-1]
+    return out
+
+
+def run_windows(runners, ids, prompt_calls, decode_steps: int, windows: int) -> dict:
+    """Every runner over the same windows: each starts from an empty cache at position 0, feeds
+    its prompt as calls of `prompt_calls` tokens each (prefill chunks, then decode calls; see
+    `chunk_schedule`), then `decode_steps` decode calls, every call at the running position.
+    Returns {runner name: {"taps": {tap: (rows, C)}, "logits": (calls, vocab)}, "labels":
+    [{"window", "step", "tokens", "position"}], "next": next-token ids, "seconds": {...}}."""
+    prompt = int(sum(prompt_calls))
+    sizes = list(prompt_calls) + [1] * decode_steps
+    span = prompt + decode_steps
     out = {r.name: {"taps": {}, "logits": []} for r in runners}
     seconds = {r.name: 0.0 for r in runners}
     labels, nexts = [], []
     for w in range(windows):
         chunk = ids[w * (span + 1): (w + 1) * (span + 1)]
-        calls = [(chunk[:prefill], 0)] + [(chunk[prefill + j: prefill + j + 1], prefill + j)
-                                          for j in range(decode_steps)]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        calls = [(chunk[pos:pos + T], int(pos)) for T, pos in zip(sizes, starts)]
         for step, (x, pos) in enumerate(calls):
-            labels.append({"window": w, "step": step, "position": pos + len(x) - 1})
+            labels.append({"window": w, "step": step, "tokens": len(x),
+                           "position": pos + len(x) - 1})
             nexts.append(int(chunk[pos + len(x)]))
         for r in runners:
             t0 = time.perf_counter()
@@ -370,13 +387,16 @@ def run_windows(runners, ids, prefill: int, decode_steps: int, windows: int) -> 
 
 
 def end_to_end(ref_logits, logits, labels, nexts) -> dict:
-    """top-1 agreement and KL(ref || other) over all positions, prefill vs decode, per step."""
+    """top-1 agreement and KL(ref || other) over all calls' last positions, prefill-function
+    calls vs decode calls, and per step (the call's index in its window)."""
     agree = logits.argmax(-1) == ref_logits.argmax(-1)
     kls = kl(ref_logits, logits)
     steps = np.array([lb["step"] for lb in labels])
-    pick = lambda m: {"positions": int(m.sum()), "top1": float(agree[m].mean()),  # noqa: E731
-                      "kl_mean": float(kls[m].mean()), "kl_max": float(kls[m].max())}
-    return {**pick(np.ones_like(agree)), "prefill": pick(steps == 0), "decode": pick(steps > 0),
+    tokens = np.array([lb["tokens"] for lb in labels])
+    pick = lambda m: {"positions": int(m.sum()), "top1": float(agree[m].mean()) if m.any()  # noqa: E731
+                      else math.nan, "kl_mean": float(kls[m].mean()) if m.any() else math.nan,
+                      "kl_max": float(kls[m].max()) if m.any() else math.nan}
+    return {**pick(np.ones_like(agree)), "prefill": pick(tokens > 1), "decode": pick(tokens == 1),
             "per_step": [pick(steps == s) for s in range(int(steps.max()) + 1)],
             "next_token_accuracy": float((logits.argmax(-1) == nexts).mean())}
 

@@ -20,6 +20,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from export import mil_executor
+from export.taps import chunk_schedule
 
 
 class CoreMLCache:
@@ -43,7 +44,10 @@ class CoreMLCache:
 class CoreMLEngine:
     name = "coreml"
 
-    def __init__(self, package, tokenizer, context=None, backend="auto"):
+    def __init__(self, package, tokenizer, context=None, backend="auto", prefill_lengths=None):
+        """`prefill_lengths`: use only these of the package's prefill functions (default all;
+        a smaller chunk bounds the executor's memory: a 512-token chunk at context 16384 has
+        GBs of attention scores)."""
         package = Path(package)
         names = mil_executor.functions(package)
         contexts = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"decode_ctx(\d+)", n))})
@@ -54,6 +58,12 @@ class CoreMLEngine:
         self.context = context or contexts[-1]
         prefills = [int(m.group(1)) for n in names
                     if (m := re.fullmatch(rf"prefill_(\d+)_ctx{self.context}", n))]
+        if prefill_lengths is not None:
+            missing = sorted(set(prefill_lengths) - set(prefills))
+            if missing:
+                raise ValueError(f"{package}: no prefill function of {missing} tokens at context "
+                                 f"{self.context}; it has {sorted(prefills)}")
+            prefills = list(prefill_lengths)
         if backend == "auto":
             backend = "coreml" if sys.platform == "darwin" else "executor"
         self.backend = backend
@@ -81,11 +91,7 @@ class CoreMLEngine:
 
     def chunks(self, n: int) -> list:
         """Tokens per call for `n` prompt tokens: the longest prefill that fits, then decode steps."""
-        out = []
-        while n:
-            out.append(next((T for T in self.prefill if T <= n), 1))
-            n -= out[-1]
-        return out
+        return chunk_schedule(n, self.prefill)
 
     def _run(self, fn, ids, cache):
         out = fn.predict({"input_ids": np.asarray(ids, np.int32)[None],

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("coremltools")
 
-from export import mil_executor, probe  # noqa: E402
+from export import mil_executor, probe, probe_report  # noqa: E402
 from export import taps as tp  # noqa: E402
 from export.compress import Compression, compress  # noqa: E402
 from export.convert import FunctionSpec, convert_function, save_multifunction  # noqa: E402
@@ -124,16 +124,16 @@ def test_report_files_exist_and_agree(fp16_report):
 
     _, r = fp16_report
     files = {k: Path(v) for k, v in r["files"].items()}
-    assert sorted(p.name for p in files["json"].parent.iterdir()) == sorted(probe.FILES.values())
+    assert sorted(p.name for p in files["json"].parent.iterdir()) == sorted(probe_report.FILES.values())
     md = files["markdown"].read_text()
     assert md.startswith("# Probe report: PASS") and r["run_id"] in md
     assert "reference MIL executor" in md
     for g in r["gates"]:
-        assert f"| {g['gate']} | {probe._g(g['value'])} |" in md
+        assert f"| {g['gate']} | {probe.fmt_value(g['value'])} |" in md
     for n, c in r["taps"]["coreml_vs_mlx"].items():
-        assert f"| {n} | {probe._g(c['max_abs_err'])} | {probe._g(c['rel_err'])} |" in md
+        assert f"| {n} | {probe.fmt_value(c['max_abs_err'])} | {probe.fmt_value(c['rel_err'])} |" in md
     e = r["end_to_end"]["coreml_vs_mlx"]
-    assert f"| coreml | {e['positions']} | {probe._g(e['top1'])} | {probe._g(e['kl_mean'])} |" in md
+    assert f"| coreml | {e['positions']} | {probe.fmt_value(e['top1'])} | {probe.fmt_value(e['kl_mean'])} |" in md
     png = Image.open(files["plot"])
     assert png.format == "PNG" and png.size[0] >= 600
     assert png.text["Description"] == r["run_id"]
@@ -226,9 +226,16 @@ def test_tap_map_follows_dataflow_not_names(packages):
 def test_choose_functions_and_gates():
     names = ["decode_ctx128", "prefill_16_ctx128", "prefill_64_ctx128", "decode_ctx256",
              "prefill_16_ctx256", "prefill_64_ctx256"]
-    assert probe.choose_functions(names) == {"context": 128, "prefill_length": 64,
-                                             "prefill": "prefill_64_ctx128",
-                                             "decode": "decode_ctx128"}
+    assert probe.choose_functions(names) == {
+        "context": 128, "prefill_length": 64, "prefill": "prefill_64_ctx128",
+        "decode": "decode_ctx128", "calls": [64],
+        "prefills": {16: "prefill_16_ctx128", 64: "prefill_64_ctx128"}}
+    # a window's prompt across chunk boundaries: the longest prefill that fits, then decode calls
+    long = probe.choose_functions(names, 256, prompt_tokens=150, decode_steps=4)
+    assert long["calls"] == [64, 64, 16] + [1] * 6 and long["prefill_length"] == 64
+    assert probe.choose_functions(names, 256, 16, prompt_tokens=40)["calls"] == [16, 16] + [1] * 8
+    with pytest.raises(probe.ProbeError, match="prompt 250 \\+ 16 decode steps exceed context 256"):
+        probe.choose_functions(names, 256, prompt_tokens=250)
     assert probe.choose_functions(names, 256, 16)["prefill"] == "prefill_16_ctx256"
     assert probe.choose_functions(names, decode_steps=100)["prefill_length"] == 16
     with pytest.raises(probe.ProbeError, match="no prefill_32_ctx128"):
@@ -286,7 +293,7 @@ def test_nonfinite_values_fail_and_stay_valid_json():
     failed = [g for g in probe.evaluate_gates(report, probe.resolve_gates("fp16", {}))
               if g["gate"] == "fp16_headroom"][0]
     assert not failed["ok"] and "mirror.norm_mean_square" in failed["detail"]
-    text = json.dumps(probe._json_safe(report), allow_nan=False)
+    text = json.dumps(probe_report._json_safe(report), allow_nan=False)
     assert json.loads(text)["taps"]["coreml_vs_mlx"]["logits"]["rel_err"] == "inf"
 
 
@@ -303,3 +310,39 @@ def test_default_text_is_held_out():
     spec.loader.exec_module(corpus)
     assert probe.default_text_path().name == "traceback.py"
     assert corpus.split_of("traceback.py", valid=0.05, test=0.05) == "test"
+
+
+def test_windows_across_prefill_chunks(tmp_path, tokenizer):
+    """A 300-token window at context 512 goes in as 4 x 64 + 2 x 16 prefill chunks and 12
+    decode calls, then 4 decode steps, each call at the running position through the KV state
+    the earlier chunks wrote; every tap of every call stays within the fp16 error model."""
+    import dataclasses
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    config = dataclasses.replace(config, contexts=[512], prefill_lengths=[16, 64],
+                                 max_position_embeddings=512)
+    model = student_model.build(config, seed=4)
+    model.model.norm.weight = model.model.norm.weight * NORM_SCALE
+    student = student_model.save(tmp_path / "tiny512", model, config, tokenizer)
+    specs = [FunctionSpec("decode_ctx512", "decode", 1, 512),
+             FunctionSpec("prefill_16_ctx512", "prefill", 16, 512),
+             FunctionSpec("prefill_64_ctx512", "prefill", 64, 512)]
+    mirror = load_mirror(student)
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    save_multifunction({s.name: convert_function(mirror, s) for s in specs},
+                       folder / "model.mlpackage", specs[0].name)
+    code, r = _probe(student, folder / "model.mlpackage", tmp_path / "out", "--prompt-tokens",
+                     "300", "--decode-steps", "4", "--windows", "2")
+    assert code == 0 and r["ok"], r["gates"]
+    t = r["text"]
+    assert t["calls"] == {"64": 4, "16": 2, "1": 12} and t["prompt_tokens"] == 300
+    assert t["functions"]["prefills"] == ["prefill_16_ctx512", "prefill_64_ctx512"]
+    e2e = r["end_to_end"]["coreml_vs_mlx"]
+    assert e2e["positions"] == 2 * 22 and len(e2e["per_step"]) == 22
+    assert e2e["prefill"]["positions"] == 2 * 6 and e2e["decode"]["positions"] == 2 * 16
+    assert e2e["top1"] >= 0.99 and e2e["kl_mean"] < 0.01
+    for n in tp.tap_names(LAYERS):
+        c, m = r["taps"]["coreml_vs_mlx"][n], r["taps"]["mirror_vs_mlx"][n]
+        assert c["err_ratio"] < 8 and m["err_ratio"] < 2**-3 and c["nonfinite"] == 0, (n, c, m)
+    assert set(r["coreml_tap_vars"]) == {s.name for s in specs}

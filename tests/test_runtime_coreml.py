@@ -43,6 +43,10 @@ def test_context_overflow_and_unknown_context_are_clear_errors(exported):
     folder, package = exported
     with pytest.raises(ValueError, match=r"context 64 not exported; it has \[128\]"):
         CoreMLEngine.load(package, folder, context=64)
+    with pytest.raises(ValueError, match=r"no prefill function of \[7\] tokens at context 128"):
+        CoreMLEngine.load(package, folder, prefill_lengths=[7])
+    assert CoreMLEngine.load(package, folder, prefill_lengths=[]).chunks(3) == [1, 1, 1]
+    assert CoreMLEngine.load(package, folder, prefill_lengths=[16]).chunks(35) == [16, 16, 1, 1, 1]
     engine = CoreMLEngine.load(package, folder)
     cache = engine.make_cache()
     with pytest.raises(ValueError, match="129 tokens exceed the package's context 128"):
