@@ -90,6 +90,24 @@ def atomic_dir(path):
         raise
 
 
+def jsonl_records(path, error=ValueError):
+    """(line number, parsed value) of each non-blank line of the JSONL file `path`, in order.
+    Raises `error` naming the file (cannot read) or file:line (invalid JSON, with its column)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        yield n, value
+
+
 def write_text_atomic(path, text: str):
     """Write `text` to `path` by temp file, fsync and rename (parents made): a reader sees
     the old file or the whole new one, never a part."""

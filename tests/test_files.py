@@ -81,3 +81,17 @@ def test_train_refuses_an_out_folder_of_other_files_before_training(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: {out}: exists and holds files no mlx-student command wrote (precious.txt)" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_jsonl_records_number_lines_and_name_the_bad_one(tmp_path):
+    from mlx_student.files import jsonl_records
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n[2]\n{"b": \n')
+    got = []
+    with pytest.raises(KeyError, match=r"x.jsonl:4: invalid JSON: Expecting value \(column 7\)"):
+        for n, value in jsonl_records(path, KeyError):
+            got.append((n, value))
+    assert got == [(1, {"a": 1}), (3, [2])]
+    with pytest.raises(ValueError, match=r"missing.jsonl: cannot read: No such file"):
+        list(jsonl_records(tmp_path / "missing.jsonl"))

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mlx_student import run_settings
 from mlx_student.config import ConfigError, apply_config
-from mlx_student.files import atomic_dir
+from mlx_student.files import atomic_dir, jsonl_records
 from mlx_student.teacher.default import DEFAULT_TEACHER_DIR
 from mlx_student.teacher.prompts import split_of
 
@@ -141,17 +141,7 @@ def read_kd(paths) -> list:
     """(prompt text, completion) of every KD record in `paths`, in file order."""
     out = []
     for path in _kd_files(paths):
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        for n, rec in jsonl_records(path, DataError):
             msgs, completion = rec.get("messages"), rec.get("completion")
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
                 raise DataError(f"{path}:{n}: messages: expected a list of {{role, content}}")
@@ -202,17 +192,7 @@ def import_rows(paths) -> list:
     """Seed rows {id, prompt, a: {text, clauses}, b, winner}, checked against `judge_pair`."""
     rows = []
     for path in map(Path, paths):
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        for n, row in jsonl_records(path, DataError):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: $: expected an object")
             row = {**row, "scenario": row.get("scenario", "imported"), "source": "imported"}

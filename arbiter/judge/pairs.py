@@ -12,8 +12,9 @@ against), checked with `arbiter.schemas.errors_of`; an error reads
 `data/pairs/train.jsonl:12: $.a.clauses: 'GATE_INTEGRITY' is a required property (rule: required)`.
 """
 
-import json
 from pathlib import Path
+
+from mlx_student.files import jsonl_records
 
 from ..schemas import errors_of
 from .model import CLAUSES
@@ -30,18 +31,8 @@ class PairError(ValueError):
 def read_pairs(path) -> list:
     """The rows of one JSONL file, each checked. Raises PairError naming file:line: field."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise PairError(f"{path}: cannot read: {e.strerror}") from None
     rows, seen = [], {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+    for n, row in jsonl_records(path, PairError):
         errors = errors_of(row, "judge_pair")
         if errors:
             raise PairError("\n".join(f"{path}:{n}: {e}" for e in errors))
