@@ -5,7 +5,7 @@
     messages = normalize_messages(body["messages"])              # for a chat template
     messages = normalize_messages(messages, arguments="string")  # for an OpenAI-style API
 
-Used by the data loader (mlx_student.data), the server (runtime.server) and the HTTP teacher
+Used by the data loader (mlx_student.records), the server (runtime.server) and the HTTP teacher
 (mlx_student.teacher.http), so a message means the same thing wherever it enters:
 
 * ``content: null`` (or absent) on an assistant message, as OpenAI returns with

@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from .data import PAD_TO
+from .batches import PAD_TO
 
 DEFAULTS = {"lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 64}
 DENSE = ("forward_kl", "reverse_kl", "jsd")
@@ -73,7 +73,7 @@ def sample_completion(model, prompt, settings, stop, seed):
 
 
 def on_policy_batch(model, batch, settings, stop, seed, step, max_seq_length, pad_id=0):
-    """`batch` (a collated global batch, mlx_student.data) with round(lmbda * rows with loss
+    """`batch` (a collated global batch, mlx_student.batches) with round(lmbda * rows with loss
     tokens) of its rows replaced by their prompt + the student's sampled completion.
 
     A row's prompt is its tokens up to its first loss target. Replaced rows get "mask" 0 and

@@ -122,7 +122,7 @@ def raise_problems(found: list, path, lines: dict, given):
 
 def from_error(e: ValueError) -> tuple:
     """(key, problem) of a ValueError whose message reads 'key: problem' (the checks of
-    mlx_student.finetune, quant.qat_settings and data.process_weights)."""
+    mlx_student.finetune, quant.qat_settings and records.process_weights)."""
     key, sep, problem = str(e).partition(": ")
     return (key, problem) if sep and " " not in key else ("", str(e))
 

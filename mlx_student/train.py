@@ -37,11 +37,12 @@ from tqdm import tqdm
 from . import checkpoint, finetune, hf_config, prune, run_settings, xtok
 from . import model as student_model
 from .config import ConfigError, apply_config, load_config
-from .data import SPAN_TYPES, DataError, load_dataset, process_weights
+from .data import DataError, load_dataset
 from .files import OutputExistsError, claim_dir, write_json_atomic
 from .losses import LOSSES, TAILS
 from .onpolicy import on_policy_settings
 from .quant import qat_settings
+from .records import SPAN_TYPES, process_weights
 from .teacher import default as default_teacher
 from .trainer import DTYPES, TrainingArgs, schedule, train
 

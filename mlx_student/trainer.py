@@ -40,7 +40,7 @@ from mlx.utils import tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from .data import PAD_TO, iterate_batches
+from .batches import PAD_TO, iterate_batches
 from .losses import loss_mix, topk_kd
 from .model import logits_at
 from .onpolicy import on_policy_batch

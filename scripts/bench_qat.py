@@ -33,7 +33,8 @@ from mlx_lm.convert import convert
 from export import cli as export_cli
 from export import probe as export_probe
 from mlx_student import train
-from mlx_student.data import iterate_batches, load_dataset
+from mlx_student.batches import iterate_batches
+from mlx_student.data import load_dataset
 from mlx_student.losses import cross_entropy, forward_kl
 from mlx_student.quant import fake_quantized, qat_settings
 

@@ -27,9 +27,10 @@ import mlx_student  # noqa: F401  (first: OpenBLAS before mlx on Linux)
 import mlx.core as mx
 import numpy as np
 from mlx_student import train
-from mlx_student.data import SPAN_TYPES, load_jsonl
+from mlx_student.data import load_jsonl
 from mlx_student.files import atomic_dir
 from mlx_student.losses import cross_entropy
+from mlx_student.records import SPAN_TYPES
 from runtime import tooleval
 from runtime.generate import MLXEngine
 

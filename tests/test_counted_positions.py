@@ -12,8 +12,9 @@ from conftest import ROOT, write_jsonl
 from mlx.utils import tree_flatten
 
 from mlx_student import model as student_model
+from mlx_student.batches import iterate_batches
 from mlx_student.config import load_config
-from mlx_student.data import iterate_batches, load_dataset, load_jsonl
+from mlx_student.data import load_dataset, load_jsonl
 from mlx_student.tools import spans, toolgen
 from mlx_student.tools.traces import gold_trace
 from mlx_student.trainer import TrainingArgs, counted_positions, make_loss, train

@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_student.data import DataError, iterate_batches, load_dataset, load_jsonl
+from mlx_student.batches import iterate_batches
+from mlx_student.data import DataError, load_dataset, load_jsonl
 
 VOCAB = 49152
 EOS_TEXT = "<|im_end|>"

@@ -9,7 +9,8 @@ import pytest
 from conftest import save_tiny, train_argv
 
 from mlx_student import train
-from mlx_student.data import iterate_batches, load_dataset
+from mlx_student.batches import iterate_batches
+from mlx_student.data import load_dataset
 from mlx_student.onpolicy import on_policy_batch, on_policy_settings
 
 SETTINGS = {"lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 12}

@@ -11,9 +11,11 @@ from mlx.utils import tree_flatten
 
 from mlx_student import model as student_model
 from mlx_student import train
+from mlx_student.batches import iterate_batches
 from mlx_student.config import load_config
-from mlx_student.data import DataError, iterate_batches, load_jsonl, process_weights
+from mlx_student.data import DataError, load_jsonl
 from mlx_student.losses import loss_mix
+from mlx_student.records import process_weights
 from mlx_student.trainer import TrainingArgs, evaluate
 from mlx_student.trainer import train as train_loop
 
@@ -34,7 +36,7 @@ def trace(city="Paris", temp=21):
 
 
 def spans_of(tokenizer, messages, wanted):
-    """Spans found independently of mlx_student.data: bytes by search in the rendered text,
+    """Spans found independently of mlx_student.records: bytes by search in the rendered text,
     tokens as the minimal cover by the byte lengths of decoded prefixes (ASCII text)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False).encode()
     ids = tokenizer.apply_chat_template(messages)

@@ -11,8 +11,9 @@ from conftest import ROOT, train_argv, write_jsonl
 
 from mlx_student import model as student_model
 from mlx_student import train
+from mlx_student.batches import iterate_batches
 from mlx_student.config import load_config
-from mlx_student.data import iterate_batches, load_dataset
+from mlx_student.data import load_dataset
 from mlx_student.losses import forward_kl
 from mlx_student.quant import (ActQuantLinear, act_fake_quant, fake_quantized, lsq_fake_quant,
                                observe, qat_settings)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_student import losses
-from mlx_student.data import DataError, iterate_batches, load_jsonl
+from mlx_student.batches import iterate_batches
+from mlx_student.data import DataError, load_jsonl
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -32,7 +32,7 @@ import httpx
 from ..messages import normalize_messages
 
 RETRY_STATUS = {408, 409, 425, 429}
-# Teacher logprobs may round to slightly above 0 (mlx_student.data.MAX_LOGPROB).
+# Teacher logprobs may round to slightly above 0 (mlx_student.records.MAX_LOGPROB).
 MAX_LOGPROB = 1e-4
 
 

@@ -5,7 +5,7 @@
     text, ids, spans = analyze(tokenizer, record)
 
 A span is `{"type": "tool_name" | "arguments" | "integration", "byte_start", "byte_end",
-"tok_start", "tok_end"}` (ends exclusive) over the conversation as mlx_student.data renders
+"tok_start", "tok_end"}` (ends exclusive) over the conversation as mlx_student.records renders
 it for training: the UTF-8 bytes of `tokenizer.apply_chat_template(messages, tools=tools,
 tokenize=False)`, messages normalised as the loader does (`for_template`), and the ids of the
 same call with tokenize=True. The token span is the
