@@ -1,5 +1,6 @@
-"""mlx_student.prune: exact identity cuts, importance that finds planted dead units, the CLI's
-report read back against the folder it wrote, and shape errors that name the flag."""
+"""mlx_student.prune and mlx_student.importance: exact identity cuts, importance that finds
+planted dead units, the CLI's report read back against the folder it wrote, and shape errors
+that name the flag."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ from conftest import ROOT
 from mlx_student import model as student_model
 from mlx_student import prune
 from mlx_student.config import StudentConfig
+from mlx_student.importance import importance
 
 CALIB = ROOT / "data/stdlib/train.jsonl"
 HELDOUT = ROOT / "data/stdlib/valid.jsonl"
@@ -31,7 +33,7 @@ def test_keeping_everything_reproduces_the_teachers_logits_exactly(teacher_dir, 
     teacher, _ = mlx_lm.load(str(teacher_dir))
     b = StudentConfig(**prune.base_config(teacher_dir))
     batches = prune.text_batches(CALIB, tokenizer, 64, 32, 2)
-    imp = prune.importance(teacher, batches, drop_kl_tokens=0, progress=False)
+    imp = importance(teacher, batches, drop_kl_tokens=0, progress=False)
     assert imp.tokens == 64 and imp.heads.shape == (30, 9) and imp.neurons.shape == (30, 1536)
     inputs = mx.array(batches[0])
     want = np.array(teacher(inputs))
@@ -62,7 +64,7 @@ def test_importance_ranks_planted_dead_units_last(tokenizer):
         w[5] = 0
         norm.weight = mx.array(w)
     batches = prune.text_batches(CALIB, tokenizer, 128, 32, 2)
-    imp = prune.importance(model, batches, drop_kl_tokens=64, progress=False)
+    imp = importance(model, batches, drop_kl_tokens=64, progress=False)
     assert imp.drop_kl_tokens == 64 and imp.drop_kl[2] == 0 and (np.delete(imp.drop_kl, 2) > 0).all()
     assert np.argmin(imp.block) == 2 and np.argmin(imp.neurons[1]) == 7
     assert imp.neurons[1][7] == 0 and imp.hidden[5] == 0 and np.argmin(imp.hidden) == 5
