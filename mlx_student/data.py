@@ -168,7 +168,7 @@ def load_jsonl(path, tokenizer, vocab_size, max_seq_length, skip_bad_lines=False
     batch is ever empty. Text is packed into chunks of that
     length. ``vocab_size`` is the model's: every token id must be below it. K of the
     top-k arrays is the longest top-k list in the file. ``weights``: the span type
-    weights of records with process spans (``process_weights``; default all 1.0).
+    weights of records with process spans (``records.process_weights``; default all 1.0).
     """
     path = Path(path)
     limit = max_seq_length + 1
@@ -260,7 +260,7 @@ def load_dataset(data_dir, tokenizer, vocab_size, max_seq_length, skip_bad_lines
     """Load ``train.jsonl`` (required), ``valid.jsonl`` and ``test.jsonl`` of a folder.
 
     Returns a dict from split name to ``Split`` holding the splits present. ``weights``:
-    the span type weights (``process_weights``) of records with process spans.
+    the span type weights (``records.process_weights``) of records with process spans.
     """
     data_dir = Path(data_dir)
     if not (data_dir / "train.jsonl").is_file():
