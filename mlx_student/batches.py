@@ -1,5 +1,5 @@
 """Batches of tokenized examples (mlx_student.data.Example) for training and evaluation, like
-mlx-lm's ``iterate_batches``: sorted by length, padded to a multiple of ``PAD_TO``, with the
+mlx-lm's ``iterate_batches``: grouped by length (or not), padded to a multiple of ``PAD_TO``, with the
 loss mask, teacher targets and process weights aligned with the next-token targets."""
 
 import mlx.core as mx
@@ -59,18 +59,23 @@ def _collate(batch, rows, max_seq_length, pad_id, k, weighted=False, s=None):
 
 
 def iterate_batches(
-    examples, batch_size, max_seq_length, seed=0, loop=False, pad_id=0, start=0
+    examples, batch_size, max_seq_length, seed=0, loop=False, pad_id=0, start=0,
+    group_by_length=True,
 ):
     """Yield batches of ``examples`` as dicts of ``mx.array``, like mlx-lm.
 
-    Examples are sorted by length and consecutive ones grouped into batches of
-    ``batch_size``; the longest ``len(examples) % batch_size`` examples, if any, make one
-    batch padded with empty rows (mask 0), so nothing is dropped (unlike mlx-lm) and every
-    batch has ``batch_size`` rows. Epoch e visits the
-    batches in a permutation drawn from ``np.random.default_rng([seed, e])``, so a seed
-    fixes the whole sequence. ``loop=False`` makes one pass, ``loop=True`` repeats
-    forever. ``start`` skips that many batches (a resumed run's data cursor) without
-    collating them.
+    With ``group_by_length`` (the default, mlx-lm's batching) examples are sorted by length
+    and consecutive ones grouped into batches of ``batch_size``, and epoch e visits these
+    batches in a permutation drawn from ``np.random.default_rng([seed, e])``: little padding,
+    but a batch holds only records of one length (a mix of short completions and long text
+    windows then gives steps of very different token counts). Without it (Hugging Face
+    Trainer's default, ``group_by_length=False``) epoch e draws a permutation of the examples
+    from that generator and cuts it into batches, so every batch mixes the data's kinds. Either
+    way the last ``len(examples) % batch_size`` examples of an epoch, if any, make one batch
+    padded with empty rows (mask 0), so nothing is dropped (unlike mlx-lm) and every batch
+    has ``batch_size`` rows, and a seed fixes the whole sequence. ``loop=False`` makes one
+    pass, ``loop=True`` repeats forever. ``start`` skips that many batches (a resumed run's
+    data cursor) without collating them.
 
     Each batch holds ``"inputs"`` ``(B, L)`` int32 (``tokens[:-1]``), ``"targets"``
     ``(B, L)`` int32 (``tokens[1:]``), both padded with ``pad_id``, and ``"mask"``
@@ -90,20 +95,26 @@ def iterate_batches(
             f"The dataset must have at least batch_size={batch_size} examples "
             f"but only has {len(examples)}."
         )
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    def cut(order):
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    by_length = cut(sorted(range(len(examples)), key=lambda i: len(examples[i].tokens)))
     k = max((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), default=None)
     s = max((ex.sampled_ids.shape[1] for ex in examples if ex.sampled_ids is not None),
             default=None)
     weighted = any(ex.weights is not None for ex in examples)
-    epoch, skip = divmod(start, len(batches))
+    epoch, skip = divmod(start, len(by_length))
     if epoch and not loop:
         return
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(batches))
-        for b in order[skip:]:
+        rng = np.random.default_rng([seed, epoch])
+        if group_by_length:
+            batches = [by_length[b] for b in rng.permutation(len(by_length))]
+        else:
+            batches = cut(rng.permutation(len(examples)).tolist())
+        for rows in batches[skip:]:
             yield _collate(
-                [examples[i] for i in batches[b]], batch_size, max_seq_length, pad_id, k, weighted, s
+                [examples[i] for i in rows], batch_size, max_seq_length, pad_id, k, weighted, s
             )
         if not loop:
             break

@@ -144,6 +144,10 @@ def build_parser():
     add("--counted-positions", action=argparse.BooleanOptionalAction, default=None,
         help="compute the LM head, softmax and teacher logits only where a loss term counts "
         "(default; the same losses and gradients, faster on prompt-heavy records)")
+    add("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+        help="batch records of like lengths together (default, as mlx-lm: little padding); "
+        "--no-group-by-length shuffles records into batches (as Hugging Face's Trainer), so "
+        "short completions and long text windows share every step")
     add("--process-weights", type=process_weights_flag,
         help=f"loss weights of the process spans of tool traces ({', '.join(SPAN_TYPES)}), "
         "e.g. tool_name=2,arguments=2,integration=1.5; unset types weigh 1")

@@ -69,6 +69,7 @@ class TrainingArgs:
     jsd_beta: float = 0.5
     topk_tail: str = "bucket"
     counted_positions: bool = True  # LM head only where a loss term counts (False: everywhere)
+    group_by_length: bool = True  # batches of like lengths (mlx-lm); False: shuffled records
     qat: Optional[dict] = None  # quant.qat_settings: {bits, group_size, embeddings, start_step}
     on_policy: Optional[dict] = None  # onpolicy.on_policy_settings: {lmbda, temperature, max_new_tokens}
 
@@ -246,10 +247,12 @@ def train(model, optimizer, train_set, valid_set, args, start_step=0, on_report=
     def observed_batches():  # what the activation observers watch when QAT starts
         n = args.qat["observer_batches"]
         return islice(iterate_batches(train_set, args.batch_size, args.max_seq_length,
-                                      seed=args.seed, loop=True), n)
+                                      seed=args.seed, loop=True,
+                                      group_by_length=args.group_by_length), n)
 
     batches = iterate_batches(
-        train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True, start=start_step
+        train_set, args.batch_size, args.max_seq_length, seed=args.seed, loop=True,
+        start=start_step, group_by_length=args.group_by_length,
     )
     history, tokens, tic, phase = [], 0, time.perf_counter(), None
     for it in range(start_step + 1, args.iters + 1):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_student.batches import iterate_batches
-from mlx_student.data import DataError, load_dataset, load_jsonl
+from mlx_student.data import DataError, Example, load_dataset, load_jsonl
 
 VOCAB = 49152
 EOS_TEXT = "<|im_end|>"
@@ -278,6 +278,30 @@ def test_loop_new_permutation_each_epoch(tmp_path, tokenizer):
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2])
     assert [fingerprint(b) for b in iterate_batches(examples, 2, 512, seed=3)] == epochs[0]
+
+
+def test_group_by_length_off_shuffles_records_into_batches():
+    """--no-group-by-length: epoch e's batches are default_rng([seed, e]).permutation of the
+    records cut into batches (short and long records mixed), every record once an epoch, the
+    remainder padded with empty rows; `start` resumes at the same batch."""
+    lengths = [9] * 5 + [61] * 5
+    examples = [Example(np.array([i] + [100 + i] * (n - 1), np.int32), prompt_len=1)
+                for i, n in enumerate(lengths)]
+
+    def rows(batch):  # the examples in a batch, by their first token; -1 for an empty row
+        first, mask = np.array(batch["inputs"][:, 0]), np.array(batch["mask"]).sum(axis=1)
+        return [int(f) if m else -1 for f, m in zip(first, mask)]
+
+    it = iterate_batches(examples, 4, 64, seed=5, loop=True, group_by_length=False)
+    got = [rows(next(it)) for _ in range(6)]
+    for e in range(2):
+        perm = np.random.default_rng([5, e]).permutation(10).tolist()
+        assert got[3 * e : 3 * e + 3] == [perm[0:4], perm[4:8], perm[8:10] + [-1, -1]]
+    assert any(len({lengths[i] for i in r if i >= 0}) == 2 for r in got)  # mixed batches
+    resumed = iterate_batches(examples, 4, 64, seed=5, loop=True, start=4, group_by_length=False)
+    assert [rows(next(resumed)) for _ in range(2)] == got[4:6]
+    sorted_rows = [rows(b) for b in iterate_batches(examples, 4, 64, seed=5)]  # the default
+    assert sorted(map(sorted, sorted_rows)) == [[-1, -1, 8, 9], [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_too_few_examples(tmp_path, tokenizer):

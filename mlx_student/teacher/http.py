@@ -30,10 +30,9 @@ from typing import Optional
 import httpx
 
 from ..messages import normalize_messages
+from ..records import MAX_LOGPROB  # teacher logprobs may round to slightly above 0
 
 RETRY_STATUS = {408, 409, 425, 429}
-# Teacher logprobs may round to slightly above 0 (mlx_student.records.MAX_LOGPROB).
-MAX_LOGPROB = 1e-4
 
 
 class TeacherError(RuntimeError):
