@@ -104,11 +104,12 @@ def _ratio(stats, idx):
 def summarize(stats: dict, lines: dict, control: str, resamples=2000, seed=0) -> dict:
     """Point estimates and bootstrap 95 % intervals (percentile, `resamples` resamples of the
     sequences / items) of every model's metrics, and of each model's difference from
-    `control` (paired: the same resamples)."""
+    `control` (paired: the same resamples). `lines`: {name: (items,) bool} of the next-line
+    check, or {} without it."""
     rng = np.random.default_rng(seed)
     n = len(next(iter(stats.values())))
     idx = rng.integers(0, n, (resamples, n))
-    m = len(next(iter(lines.values())))
+    m = len(next(iter(lines.values()))) if lines else 0  # no next-line check: {}
     line_idx = rng.integers(0, m, (resamples, m))
     out = {"sequences": n, "tokens": int(stats[control][:, 3].sum()), "items": m,
            "resamples": resamples, "models": {}, "minus_control": {}}

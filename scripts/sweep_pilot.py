@@ -80,6 +80,10 @@ def main(argv=None):
     heldout, _ = pr.heldout_file(p)
     teacher, tok = mlx_lm.load(s["teacher"])
     batches = text_batches(heldout, tok, e["sequences"] * e["seq_len"], e["seq_len"], e["batch_size"])
+    lr = s["train"]["learning_rate"]
+    for arm in args.arms:  # the pilot's own arms, at the config's rate, when trained
+        if (p.dir / arm / "model.safetensors").exists() and f"{arm}_lr{lr:g}" not in runs:
+            runs[f"{arm}_lr{lr:g}"] = {"arm": arm, "lr": lr, "train_args": "", "path": str(p.dir / arm)}
     models = {"pruned": mlx_lm.load(str(p.dir / "pruned"))[0]}
     models.update({k: mlx_lm.load(r["path"])[0] for k, r in runs.items()})
     stats = ho.sequence_stats(models, teacher, batches)
@@ -95,6 +99,18 @@ def main(argv=None):
               f"{100 * gap:9.1f}%")
         if name in runs:
             runs[name]["gap_closed"] = gap
+    print("paired differences from the control at the same rate and flags (negative KL, CE "
+          "better; top-1 in points):")
+    for name, r in runs.items():
+        control = name.replace(r["arm"], "control", 1)
+        if r["arm"] == "control" or control not in runs:
+            continue
+        d = ho.summarize({k: stats[k] for k in (control, name)}, {}, control, e["resamples"],
+                         seed=s["seed"])["minus_control"][name]
+        r["minus_control"] = d
+        print(f"  {name} - {control}: " + ", ".join(
+            f"{k} {f * v['value']:+.3f} [{f * v['ci95'][0]:+.3f}, {f * v['ci95'][1]:+.3f}]"
+            for k, f, v in ((k, 100 if k == "top1_agree" else 1, d[k]) for k in ho.STATS)))
     write_json_atomic(p.dir / "sweep" / "sweep.json", {"runs": runs, "eval": summary})
     print(f"[sweep] {p.dir / 'sweep' / 'sweep.json'}")
 
