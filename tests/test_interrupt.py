@@ -26,6 +26,14 @@ def text_data(tmp_path_factory):
     return d
 
 
+def interruptible(argv):
+    """The command as a terminal user runs it: SIGINT at its default disposition (a suite run in
+    the background of a non-interactive shell inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt)."""
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def wait_for(ready, proc, timeout=240):
     end = time.monotonic() + timeout
     while not ready():
@@ -38,8 +46,7 @@ def test_train_interrupted_names_the_last_checkpoint(tmp_path, text_data):
     argv = train_argv(tmp_path, text_data, "--iters", "100000", "--steps-per-save", "1",
                       "--steps-per-eval", "100000")
     state = tmp_path / "student.trainer" / "state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_student.train", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = interruptible([sys.executable, "-m", "mlx_student.train", *argv])
     wait_for(state.exists, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -52,8 +59,7 @@ def test_train_interrupted_names_the_last_checkpoint(tmp_path, text_data):
 def test_export_interrupted_writes_nothing(tmp_path, tokenizer):
     model = save_tiny(tmp_path / "tiny", tokenizer)
     out = tmp_path / "export"
-    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "--model", str(model), "--out",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = interruptible([sys.executable, "-m", "export.cli", "--model", str(model), "--out", str(out)])
     for line in proc.stdout:  # its progress: stop it in the audit, after the checkpoint is read
         if line.startswith("[2/"):
             break
