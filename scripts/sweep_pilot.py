@@ -5,7 +5,9 @@ learning rate, from the run's own pruned init, on its own data, batches and seed
 rate differs), then scores all of them with the pilot's held-out evaluation (pilot/heldout.py:
 full-vocabulary KL to the teacher, CE and teacher top-1 agreement on text no stage saw, with
 bootstrap 95 % intervals). The pilot's own arms are not touched: sweep runs go under
-runs/<name>/sweep/<arm>_lr<rate>/ (reused when already trained with the same settings).
+runs/<name>/sweep/<arm>_lr<rate>/ (reused when already trained with the same settings, init
+and data); the pilot's arms, when trained, join the table at the config's rate. Each KD run
+is also compared with the control at the same rate and flags (paired intervals).
 
     python scripts/sweep_pilot.py --config configs/pilot.yaml --arms control topk_kd \
         --lr 1e-4 3e-4 1e-3 [--seed N] [--iters 20] [--train-args '--no-group-by-length' --tag mixed]
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_student.files import write_json_atomic  # noqa: E402
 from pilot import run as pr  # noqa: E402
-from pilot.stage import Pilot, cpu_seconds  # noqa: E402
+from pilot.paths import train_data_dir  # noqa: E402
+from pilot.stage import Pilot, cpu_seconds, tree_hash  # noqa: E402
 
 
 def train_one(s, arm, lr, iters, extra, out):
@@ -36,13 +39,15 @@ def train_one(s, arm, lr, iters, extra, out):
     argv = pr.train_argv(s, arm, Path("runs") / s["name"] / "pruned")
     argv += ["--out", str(out), "--learning-rate", str(lr), *extra]
     argv += ["--iters", str(iters)] if iters else []
-    stamp = out / "sweep_argv.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == argv and (out / "model.safetensors").exists():
+    key = {"argv": argv, "init": tree_hash(Path("runs") / s["name"] / "pruned" / "model.safetensors"),
+           "data": tree_hash(train_data_dir(s))}
+    stamp = out / "sweep_stamp.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == key and (out / "model.safetensors").exists():
         print(f"[sweep] {out}: up to date", flush=True)
         return {}
     tic, cpu = time.perf_counter(), cpu_seconds()
     train.run(train.parse_args(argv))
-    write_json_atomic(stamp, argv)
+    write_json_atomic(stamp, key)
     return {"seconds": round(time.perf_counter() - tic, 1), "cpu_seconds": round(cpu_seconds() - cpu, 1)}
 
 
@@ -60,8 +65,11 @@ def main(argv=None):
 
     s = pr.settings_of(args.config, seed=args.seed)
     p = Pilot(s, pr.STAGES, ())
-    if not (p.dir / "pruned" / "model.safetensors").exists():
-        sys.exit(f"error: {p.dir}/pruned is missing: run mlx_student.pilot --config {args.config} first")
+    for need in (p.dir / "pruned" / "model.safetensors", train_data_dir(s) / "train.jsonl"):
+        if not need.exists():
+            print(f"error: {need} is missing: run mlx_student.pilot --config {args.config}"
+                  f"{f' --seed {args.seed}' if args.seed is not None else ''} first", file=sys.stderr)
+            sys.exit(2)
     runs = {}
     for arm in args.arms:
         for lr in args.lr:
