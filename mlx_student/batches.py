@@ -95,6 +95,7 @@ def iterate_batches(
             f"The dataset must have at least batch_size={batch_size} examples "
             f"but only has {len(examples)}."
         )
+
     def cut(order):
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

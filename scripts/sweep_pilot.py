@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_student.files import write_json_atomic  # noqa: E402
-from pilot import run as pr  # noqa: E402
-from pilot.paths import train_data_dir  # noqa: E402
-from pilot.stage import Pilot, cpu_seconds, tree_hash  # noqa: E402
+from mlx_student.files import write_json_atomic
+from pilot import run as pr
+from pilot.paths import train_data_dir
+from pilot.stage import Pilot, cpu_seconds, tree_hash
 
 
 def train_one(s, arm, lr, iters, extra, out):

@@ -27,11 +27,15 @@ def text_data(tmp_path_factory):
 
 
 def interruptible(argv):
-    """The command as a terminal user runs it: SIGINT at its default disposition (a suite run in
-    the background of a non-interactive shell inherits SIGINT ignored, and Python then never
-    raises KeyboardInterrupt)."""
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    """The command as a terminal user runs it, with SIGINT at its default disposition: a suite
+    run in the background of a non-interactive shell inherits SIGINT ignored, which exec keeps
+    (and Python then never raises KeyboardInterrupt), while a handled signal is reset to the
+    default by exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(ready, proc, timeout=240):
