@@ -92,12 +92,19 @@ def atomic_dir(path):
 
 def jsonl_records(path, error=ValueError):
     """(line number, parsed value) of each non-blank line of the JSONL file `path`, in order.
-    Raises `error` naming the file (cannot read) or file:line (invalid JSON, with its column)."""
+    Raises `error` naming the file (cannot read) or file:line (not UTF-8, with the byte; invalid
+    JSON, with its column)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                    f"{e.start})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -95,3 +95,7 @@ def test_jsonl_records_number_lines_and_name_the_bad_one(tmp_path):
     assert got == [(1, {"a": 1}), (3, [2])]
     with pytest.raises(ValueError, match=r"missing.jsonl: cannot read: No such file"):
         list(jsonl_records(tmp_path / "missing.jsonl"))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"a": 1}\n{"b": "caf\xe9"}\n')  # before: a UnicodeDecodeError traceback
+    with pytest.raises(KeyError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at offset 19\)"):
+        list(jsonl_records(latin1, KeyError))
